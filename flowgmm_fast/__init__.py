@@ -1,0 +1,17 @@
+"""flowgmm_fast: fast FlowGMM (semi-supervised learning with normalizing flows) with fused Triton and C++/CUDA kernels.
+
+API levels (each built only on the one below it):
+  flowgmm_fast.functional  -- the fused ops (affine_coupling, squeeze2x2, logit_transform, gmm_log_prob, gmm_nll)
+  flowgmm_fast.nn          -- layers and flows (AffineCoupling, Squeeze, Logit, RealNVP, RealNVPTabular, GaussianMixture)
+  flowgmm_fast.FlowGMM     -- the model: flow + Gaussian-mixture prior (log_prob, bits_per_dim, predict, sample)
+Backends ("torch" reference, "triton", "native", "auto"): set_backend / get_backend / use_backend /
+available_backends, or the environment variable FLOWGMM_FAST_BACKEND.
+"""
+
+from . import debug, functional
+from ._backend import (BackendUnavailableError, available_backends, get_backend, set_backend, unavailable_reason,
+                       use_backend)
+from ._version import __version__
+
+__all__ = ["functional", "debug", "set_backend", "get_backend", "use_backend", "available_backends",
+           "unavailable_reason", "BackendUnavailableError", "__version__"]

@@ -1,0 +1,192 @@
+"""Backend switch: which implementation runs each op of :mod:`flowgmm_fast.functional`.
+
+Backends
+--------
+``"torch"``   the pure-PyTorch reference (:mod:`flowgmm_fast.ops.reference`); always available; the ground truth.
+``"triton"``  fused Triton kernels (:mod:`flowgmm_fast.ops.triton_ops`); CUDA tensors, or CPU tensors under the
+              Triton interpreter (``TRITON_INTERPRET=1`` set before triton is imported; slow, for testing).
+``"native"``  the compiled C++/CUDA extension ``flowgmm_fast._C`` (:mod:`flowgmm_fast.ops.native_ops`); CPU tensors,
+              and CUDA tensors when the extension was built with CUDA.
+``"auto"``    (default) per op and device, the fastest backend that is available (see :data:`AUTO_PREFERENCE`).
+
+The choice is process-global and read once per op call; :func:`use_backend` changes it for a ``with`` block. The
+environment variable ``FLOWGMM_FAST_BACKEND`` sets the initial value (read once, at import).
+
+Every backend module exposes the same normalised op signatures (documented in :mod:`flowgmm_fast.ops.reference`);
+:mod:`flowgmm_fast.functional` validates and normalises the user's arguments once and then calls the chosen
+backend's op, so switching the backend switches every layer and model built on the functional API.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+from collections.abc import Iterator
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("torch", "triton", "native", "auto")
+
+# The ops every backend implements (names of functions in each backend module).
+OPS = ("affine_coupling", "squeeze2x2", "logit_transform", "gmm_log_prob", "gmm_nll")
+
+# "auto": the order in which backends are tried, per device type. Native CPU loops beat eager PyTorch on the CPU
+# (benchmarks/results); the Triton interpreter is a test vehicle, never picked automatically on the CPU.
+AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
+    "cuda": ("triton", "native", "torch"),
+    "cpu": ("native", "torch"),
+}
+
+# Optional per-op override of AUTO_PREFERENCE for CUDA, filled from a measured benchmark table
+# (op name -> backend name). Set through :func:`set_auto_table`.
+_AUTO_TABLE: dict[str, dict[str, str]] = {}
+
+_MODULES = {
+    "torch": "flowgmm_fast.ops.reference",
+    "triton": "flowgmm_fast.ops.triton_ops",
+    "native": "flowgmm_fast.ops.native_ops",
+}
+
+REBUILD_HINT = "pip install --no-build-isolation -e ."
+
+
+class BackendUnavailableError(RuntimeError):
+    """Raised when a backend is asked for but cannot run here; the message says why and how to fix it."""
+
+
+def _validate_name(name: str) -> str:
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def _initial_backend() -> str:
+    env = os.environ.get("FLOWGMM_FAST_BACKEND", "auto").strip().lower() or "auto"
+    if env not in BACKENDS:
+        raise ValueError(f"environment variable FLOWGMM_FAST_BACKEND must be one of {BACKENDS}, got {env!r}")
+    return env
+
+
+_current: str = _initial_backend()
+_loaded: dict[str, ModuleType] = {}
+_load_errors: dict[str, str] = {}
+
+
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _load(name: str) -> ModuleType | None:
+    """Import a backend module once; remember why it failed if it did."""
+    if name in _loaded:
+        return _loaded[name]
+    if name in _load_errors:
+        return None
+    try:
+        module = importlib.import_module(_MODULES[name])
+        reason = module.unavailable_reason() if hasattr(module, "unavailable_reason") else None
+    except Exception as exc:  # an import failure is a reason, reported when the backend is asked for
+        reason = f"{type(exc).__name__}: {exc}"
+        module = None
+    if reason is not None:
+        _load_errors[name] = reason
+        return None
+    _loaded[name] = module
+    return module
+
+
+def unavailable_reason(name: str) -> str | None:
+    """Why backend ``name`` cannot be used in this process (None when it can)."""
+    _validate_name(name)
+    if name in ("torch", "auto"):
+        return None
+    if _load(name) is not None:
+        return None
+    reason = _load_errors[name]
+    if name == "native":
+        return (f"the native backend needs the compiled extension flowgmm_fast._C ({reason}); "
+                f"rebuild it with `{REBUILD_HINT}` from the repository root (CUDA_HOME set for the CUDA kernels)")
+    if name == "triton":
+        return f"the triton backend cannot be used ({reason}); install triton (it ships with CUDA builds of torch)"
+    return reason
+
+
+def available_backends() -> list[str]:
+    """Names of the backends usable in this process (always includes "torch" and "auto")."""
+    return [n for n in BACKENDS if unavailable_reason(n) is None]
+
+
+def device_supported(name: str, device_type: str) -> bool:
+    """Whether (available) backend ``name`` runs ops on tensors of ``device_type``."""
+    if name == "torch":
+        return True
+    module = _load(name)
+    if module is None:
+        return False
+    return bool(module.supports_device(device_type))
+
+
+def set_backend(name: str) -> None:
+    """Select the backend for all subsequent op calls ("torch", "triton", "native" or "auto")."""
+    global _current
+    _validate_name(name)
+    reason = unavailable_reason(name)
+    if reason is not None:
+        raise BackendUnavailableError(reason)
+    _current = name
+
+
+def get_backend() -> str:
+    """The selected backend name (possibly "auto")."""
+    return _current
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Context manager: run the enclosed code with backend ``name``, then restore the previous choice."""
+    previous = _current
+    set_backend(name)
+    try:
+        yield
+    finally:
+        globals()["_current"] = previous
+
+
+def set_auto_table(table: dict[str, dict[str, str]]) -> None:
+    """Override "auto" per device type and op, e.g. ``{"cuda": {"gmm_nll": "native"}}`` (from a benchmark table)."""
+    for device_type, ops in table.items():
+        for op, backend in ops.items():
+            if op not in OPS:
+                raise ValueError(f"set_auto_table: unknown op {op!r}; expected one of {OPS}")
+            if backend not in ("torch", "triton", "native"):
+                raise ValueError(f"set_auto_table: backend for {op!r} must be torch, triton or native, got {backend!r}")
+        _AUTO_TABLE.setdefault(device_type, {}).update(ops)
+
+
+def resolve(op: str, device: torch.device) -> str:
+    """The concrete backend name that runs ``op`` for tensors on ``device`` under the current selection."""
+    name = _current
+    if name != "auto":
+        if not device_supported(name, device.type):
+            hint = ""
+            if name == "triton" and device.type == "cpu":
+                hint = " (set TRITON_INTERPRET=1 before importing triton to run the kernels on the CPU interpreter)"
+            elif name == "native" and device.type == "cuda":
+                hint = f" (the extension was built without CUDA; rebuild with CUDA_HOME set: `{REBUILD_HINT}`)"
+            raise BackendUnavailableError(f"backend {name!r} does not support {device.type} tensors{hint}")
+        return name
+    preferred = _AUTO_TABLE.get(device.type, {}).get(op)
+    order = ((preferred,) if preferred else ()) + AUTO_PREFERENCE.get(device.type, ("torch",))
+    for candidate in order:
+        if unavailable_reason(candidate) is None and device_supported(candidate, device.type):
+            return candidate
+    return "torch"
+
+
+def get_op(op: str, device: torch.device):
+    """The implementation of ``op`` that runs for tensors on ``device`` (used by :mod:`flowgmm_fast.functional`)."""
+    name = resolve(op, device)
+    module = _loaded[name] if name != "torch" else _load("torch")
+    return getattr(module, op)
