@@ -12,6 +12,8 @@ from . import debug, functional
 from ._backend import (BackendUnavailableError, available_backends, get_backend, set_backend, unavailable_reason,
                        use_backend)
 from ._version import __version__
+from . import nn
+from .model import FlowGMM, FlowGMMOutput
 
-__all__ = ["functional", "debug", "set_backend", "get_backend", "use_backend", "available_backends",
+__all__ = ["FlowGMM", "FlowGMMOutput", "functional", "nn", "debug", "set_backend", "get_backend", "use_backend", "available_backends",
            "unavailable_reason", "BackendUnavailableError", "__version__"]
