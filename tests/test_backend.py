@@ -1,0 +1,94 @@
+"""The backend switch: names, the context manager, the environment variable, "auto", and clear errors."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import flowgmm_fast
+from flowgmm_fast import _backend
+
+
+def test_torch_and_auto_always_available():
+    names = flowgmm_fast.available_backends()
+    assert "torch" in names and "auto" in names
+    assert set(names) <= set(_backend.BACKENDS)
+
+
+def test_set_get_and_context_manager_restore():
+    before = flowgmm_fast.get_backend()
+    with flowgmm_fast.use_backend("torch"):
+        assert flowgmm_fast.get_backend() == "torch"
+        with flowgmm_fast.use_backend("auto"):
+            assert flowgmm_fast.get_backend() == "auto"
+        assert flowgmm_fast.get_backend() == "torch"
+    assert flowgmm_fast.get_backend() == before
+    with pytest.raises(RuntimeError):
+        with flowgmm_fast.use_backend("torch"):
+            raise RuntimeError("boom")
+    assert flowgmm_fast.get_backend() == before
+
+
+def test_unknown_backend_name_is_rejected():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        flowgmm_fast.set_backend("cuda")
+
+
+def test_missing_native_extension_names_the_rebuild_command(monkeypatch):
+    monkeypatch.setitem(_backend._MODULES, "native", "flowgmm_fast._no_such_extension")
+    monkeypatch.setattr(_backend, "_loaded", {k: v for k, v in _backend._loaded.items() if k != "native"})
+    monkeypatch.setattr(_backend, "_load_errors", {})
+    assert "native" not in flowgmm_fast.available_backends()
+    with pytest.raises(flowgmm_fast.BackendUnavailableError, match="pip install --no-build-isolation -e ."):
+        flowgmm_fast.set_backend("native")
+    assert flowgmm_fast.get_backend() != "native"
+
+
+def test_auto_resolves_to_an_available_backend_for_cpu():
+    with flowgmm_fast.use_backend("auto"):
+        name = _backend.resolve("affine_coupling", torch.device("cpu"))
+    assert name in ("native", "torch")
+    if _backend.unavailable_reason("native") is None:
+        assert name == "native"  # the compiled CPU kernels win over eager PyTorch on the CPU
+    assert name != "triton"  # the interpreter is a test vehicle, never picked for speed
+
+
+def test_triton_backend_refuses_cpu_tensors_without_the_interpreter(monkeypatch):
+    if _backend.unavailable_reason("triton") is not None:
+        pytest.skip("triton backend not importable")
+    module = _backend._loaded["triton"]
+    monkeypatch.setattr(module, "supports_device", lambda device_type: device_type == "cuda")
+    with flowgmm_fast.use_backend("triton"):
+        with pytest.raises(flowgmm_fast.BackendUnavailableError, match="TRITON_INTERPRET=1"):
+            flowgmm_fast.functional.squeeze2x2(torch.randn(1, 1, 2, 2))
+
+
+def test_set_auto_table_validates():
+    with pytest.raises(ValueError, match="unknown op"):
+        _backend.set_auto_table({"cuda": {"conv": "triton"}})
+    with pytest.raises(ValueError, match="must be torch, triton or native"):
+        _backend.set_auto_table({"cuda": {"gmm_nll": "cudnn"}})
+
+
+def _run(code, **env):
+    full_env = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=120)
+
+
+def test_environment_variable_sets_the_initial_backend():
+    out = _run("import flowgmm_fast; print(flowgmm_fast.get_backend())", FLOWGMM_FAST_BACKEND="torch")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "torch"
+    bad = _run("import flowgmm_fast", FLOWGMM_FAST_BACKEND="fastest")
+    assert bad.returncode != 0 and "FLOWGMM_FAST_BACKEND must be one of" in bad.stderr
+
+
+def test_every_backend_module_exposes_every_op():
+    for name in flowgmm_fast.available_backends():
+        if name == "auto":
+            continue
+        module = _backend._load(name)
+        for op in _backend.OPS:
+            assert callable(getattr(module, op)), f"backend {name} lacks {op}"
