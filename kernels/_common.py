@@ -1,0 +1,36 @@
+"""Small @triton.jit helpers shared by the kernels, and launch-size helpers for the launchers."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tanh_f32(x):
+    """tanh(x) for fp32 x, accurate near 0 (odd Taylor series for |x| < 0.1, else (1 - e^{-2|x|}) / (1 + e^{-2|x|})).
+
+    Written out because libdevice.tanh has no Triton-interpreter implementation (CPU tests run the same kernels).
+    """
+    a = tl.abs(x)
+    e = tl.exp(-2.0 * a)
+    big = (1.0 - e) / (1.0 + e)
+    a2 = a * a
+    small = a * (1.0 + a2 * (-0.3333333333333333 + a2 * (0.13333333333333333 + a2 * -0.05396825396825397)))
+    r = tl.where(a < 0.1, small, big)
+    return tl.where(x < 0, -r, r)
+
+
+def next_pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def tile_2d(rows: int, cols: int, max_cols: int = 1024, max_elems: int = 2048) -> tuple[int, int]:
+    """(BLOCK_ROWS, BLOCK_COLS) powers of two for a (rows, cols) row-major view: full rows when they fit."""
+    block_cols = min(next_pow2(cols), max_cols)
+    block_rows = min(next_pow2(rows), max(1, max_elems // block_cols))
+    return block_rows, block_cols
+
+
+def num_warps_for(elems: int) -> int:
+    return 8 if elems >= 4096 else 4 if elems >= 1024 else 2 if elems >= 256 else 1

@@ -1,0 +1,198 @@
+"""Fused affine coupling (RealNVP, Dinh et al. 2017 eq. (7)-(9)) forward/reverse and backward, with the log-det.
+
+Layout: x, s, t viewed as (B, C, S) (S = H*W, or 1 for vectors, then C = D). Each program owns one sample b and a
+(BLOCK_C, BLOCK_S) tile of its (C, S) plane, so the per-channel scale is a (BLOCK_C,) vector load and the per-sample
+log-det and per-channel scale-gradient are tile reductions. The partial sums go to small buffers that the launcher
+sums (deterministic: no atomics); when one tile covers the whole sample the kernel adds the incoming sldj itself.
+
+Mask modes (MASK_MODE): 0 none, 1 dense 0/1 tensor of shape (C, S), 2 checkerboard b[h, w] = (h + w + parity) % 2
+computed from the index (h = s // W, w = s % W; no mask is read). With free = 1 - b:
+    s_eff = scale[c] * tanh(s) (HAS_SCALE) or s;   s_m = free * s_eff;   t_m = free * t
+    forward: y = (x + t_m) exp(s_m),  ldj = +sum s_m;   reverse: y = x exp(-s_m) - t_m,  ldj = -sum s_m
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import num_warps_for, tanh_f32, tile_2d
+
+__all__ = ["coupling_forward", "coupling_backward"]
+
+
+@triton.jit
+def _free_mask(mask_ptr, off, inb, sp, W, parity, MASK_MODE: tl.constexpr):
+    """(1 - b) for the tile: 1 where the position is transformed, 0 where it is kept (conditioning)."""
+    if MASK_MODE == 1:
+        free = 1.0 - tl.load(mask_ptr + off, mask=inb, other=1.0).to(tl.float32)
+    else:
+        keep = ((sp // W) + (sp % W) + parity) % 2
+        free = (1 - keep).to(tl.float32)[None, :]
+    return free
+
+
+@triton.jit
+def _coupling_fwd_kernel(x_ptr, s_ptr, t_ptr, scale_ptr, mask_ptr, sldj_ptr, y_ptr, ldj_ptr,
+                         C, S, W, parity,
+                         HAS_SCALE: tl.constexpr, MASK_MODE: tl.constexpr, REVERSE: tl.constexpr,
+                         HAS_SLDJ: tl.constexpr, ONE_TILE: tl.constexpr,
+                         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """y = (x + t_m) exp(s_m) (reverse: x exp(-s_m) - t_m) on one (BLOCK_C, BLOCK_S) tile of sample b, and the tile's
+    log-det +-sum s_m: stored to ldj_ptr[b] (+ sldj[b]) when ONE_TILE, else to the partial ldj_ptr[b, tile]."""
+    b = tl.program_id(0)
+    pc = tl.program_id(1)
+    ps = tl.program_id(2)
+    c = pc * BLOCK_C + tl.arange(0, BLOCK_C)
+    sp = ps * BLOCK_S + tl.arange(0, BLOCK_S)
+    cm = c < C
+    inb = cm[:, None] & (sp < S)[None, :]
+    off = c[:, None] * S + sp[None, :]
+    base = b.to(tl.int64) * C * S
+    x = tl.load(x_ptr + base + off, mask=inb, other=0.0).to(tl.float32)
+    s = tl.load(s_ptr + base + off, mask=inb, other=0.0).to(tl.float32)
+    t = tl.load(t_ptr + base + off, mask=inb, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        sc = tl.load(scale_ptr + c, mask=cm, other=0.0).to(tl.float32)
+        s = sc[:, None] * tanh_f32(s)
+    if MASK_MODE != 0:
+        free = _free_mask(mask_ptr, off, inb, sp, W, parity, MASK_MODE)
+        s = s * free
+        t = t * free
+    if REVERSE:
+        y = x * tl.exp(-s) - t
+    else:
+        y = (x + t) * tl.exp(s)
+    tl.store(y_ptr + base + off, y.to(y_ptr.dtype.element_ty), mask=inb)
+    ldj = tl.sum(tl.sum(s, axis=1), axis=0)
+    if REVERSE:
+        ldj = -ldj
+    if ONE_TILE:
+        if HAS_SLDJ:
+            ldj += tl.load(sldj_ptr + b).to(tl.float32)
+        tl.store(ldj_ptr + b, ldj)
+    else:
+        tile = pc * tl.num_programs(2) + ps
+        tl.store(ldj_ptr + b * tl.num_programs(1) * tl.num_programs(2) + tile, ldj)
+
+
+@triton.jit
+def _coupling_bwd_kernel(x_ptr, s_ptr, t_ptr, scale_ptr, mask_ptr, gy_ptr, gldj_ptr,
+                         gx_ptr, gs_ptr, gt_ptr, gscale_ptr,
+                         C, S, W, parity,
+                         HAS_SCALE: tl.constexpr, MASK_MODE: tl.constexpr, REVERSE: tl.constexpr,
+                         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Backward of _coupling_fwd_kernel recomputed from its inputs (g = grad of the loss; gl = grad of ldj_out[b]):
+        forward: gx = gy e^{s_m}, gt = free gx, g_{s_m} = gy y + gl;  reverse: gx = gy e^{-s_m}, gt = -free gy,
+        g_{s_m} = -gy x e^{-s_m} - gl;  g_{s_eff} = free g_{s_m};  gs = g_{s_eff} scale (1 - tanh^2 s) (or g_{s_eff});
+        gscale[c] partial = sum over the tile's positions of g_{s_eff} tanh(s), stored to gscale_ptr[b, ps, c]."""
+    b = tl.program_id(0)
+    pc = tl.program_id(1)
+    ps = tl.program_id(2)
+    c = pc * BLOCK_C + tl.arange(0, BLOCK_C)
+    sp = ps * BLOCK_S + tl.arange(0, BLOCK_S)
+    cm = c < C
+    inb = cm[:, None] & (sp < S)[None, :]
+    off = c[:, None] * S + sp[None, :]
+    base = b.to(tl.int64) * C * S
+    x = tl.load(x_ptr + base + off, mask=inb, other=0.0).to(tl.float32)
+    s_raw = tl.load(s_ptr + base + off, mask=inb, other=0.0).to(tl.float32)
+    t = tl.load(t_ptr + base + off, mask=inb, other=0.0).to(tl.float32)
+    gy = tl.load(gy_ptr + base + off, mask=inb, other=0.0).to(tl.float32)
+    gl = tl.load(gldj_ptr + b).to(tl.float32)
+    if HAS_SCALE:
+        sc = tl.load(scale_ptr + c, mask=cm, other=0.0).to(tl.float32)[:, None]
+        th = tanh_f32(s_raw)
+        s = sc * th
+    else:
+        s = s_raw
+    if MASK_MODE != 0:
+        free = _free_mask(mask_ptr, off, inb, sp, W, parity, MASK_MODE)
+        s = s * free
+        t = t * free
+    if REVERSE:
+        e = tl.exp(-s)
+        gx = gy * e
+        gt = -gy
+        g_sm = -(gx * x) - gl
+    else:
+        e = tl.exp(s)
+        gx = gy * e
+        gt = gx
+        g_sm = gy * (x + t) * e + gl
+    if MASK_MODE != 0:
+        gt = gt * free
+        g_sm = g_sm * free
+    if HAS_SCALE:
+        gs = g_sm * sc * (1.0 - th * th)
+        gsc = tl.sum(tl.where(inb, g_sm * th, 0.0), axis=1)
+        tl.store(gscale_ptr + (b * tl.num_programs(2) + ps) * C + c, gsc, mask=cm)
+    else:
+        gs = g_sm
+    tl.store(gx_ptr + base + off, gx.to(gx_ptr.dtype.element_ty), mask=inb)
+    tl.store(gs_ptr + base + off, gs.to(gs_ptr.dtype.element_ty), mask=inb)
+    tl.store(gt_ptr + base + off, gt.to(gt_ptr.dtype.element_ty), mask=inb)
+
+
+def _geometry(x: torch.Tensor, checker_parity: int):
+    """(B, C, S, W) of the (B, C, S) view; W is only used by the checkerboard."""
+    b, c = x.shape[0], x.shape[1]
+    s = math.prod(x.shape[2:])
+    w = x.shape[-1] if checker_parity >= 0 else 1
+    return b, c, s, w
+
+
+def _mask_mode(mask, checker_parity: int) -> int:
+    return 2 if checker_parity >= 0 else 1 if mask is not None else 0
+
+
+def coupling_forward(x, s, t, scale, mask, checker_parity: int, reverse: bool, sldj):
+    """Launch the fused coupling: x, s, t (B, C, *S) fp32/bf16/fp16; scale None or (C,); mask None or (C, *S);
+    checker_parity -1/0/1; sldj None or (B,) fp32. Returns (y (B, C, *S) in x.dtype, ldj_out (B,) fp32) with
+    ldj_out = sldj + (+-sum s_m). One launch (plus a (B, tiles) partial sum when a sample spans several tiles)."""
+    x, s, t = x.contiguous(), s.contiguous(), t.contiguous()
+    b, c, n_s, w = _geometry(x, checker_parity)
+    y = torch.empty_like(x)
+    if b == 0:
+        return y, torch.zeros(0, dtype=torch.float32, device=x.device)
+    block_c, block_s = tile_2d(c, n_s)
+    grid = (b, triton.cdiv(c, block_c), triton.cdiv(n_s, block_s))
+    one_tile = grid[1] * grid[2] == 1
+    ldj = torch.empty((b,) if one_tile else (b, grid[1] * grid[2]), dtype=torch.float32, device=x.device)
+    mode = _mask_mode(mask, checker_parity)
+    _coupling_fwd_kernel[grid](
+        x, s, t, scale.contiguous() if scale is not None else x, mask.contiguous() if mode == 1 else x,
+        sldj.contiguous() if sldj is not None else ldj, y, ldj,
+        c, n_s, w, max(checker_parity, 0),
+        HAS_SCALE=scale is not None, MASK_MODE=mode, REVERSE=bool(reverse), HAS_SLDJ=sldj is not None,
+        ONE_TILE=one_tile, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=num_warps_for(block_c * block_s))
+    if not one_tile:
+        ldj = ldj.sum(1)
+        if sldj is not None:
+            ldj = ldj + sldj
+    return y, ldj
+
+
+def coupling_backward(grad_y, grad_ldj, x, s, t, scale, mask, checker_parity: int, reverse: bool):
+    """Backward of :func:`coupling_forward` from its inputs: grad_y (B, C, *S), grad_ldj (B,) fp32 (the grad of
+    ldj_out; the grad of sldj is grad_ldj itself). Returns (grad_x, grad_s, grad_t, grad_scale (C,) fp32 or None).
+    One launch; grad_scale is the sum of per-(sample, spatial tile) partials of shape (B * tiles, C)."""
+    x, s, t, grad_y = x.contiguous(), s.contiguous(), t.contiguous(), grad_y.contiguous()
+    b, c, n_s, w = _geometry(x, checker_parity)
+    gx, gs, gt = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
+    block_c, block_s = tile_2d(c, n_s)
+    grid = (b, triton.cdiv(c, block_c), triton.cdiv(n_s, block_s))
+    if b == 0:
+        return gx, gs, gt, None if scale is None else torch.zeros(c, dtype=torch.float32, device=x.device)
+    gscale = None if scale is None else torch.empty((b * grid[2], c), dtype=torch.float32, device=x.device)
+    mode = _mask_mode(mask, checker_parity)
+    _coupling_bwd_kernel[grid](
+        x, s, t, scale.contiguous() if scale is not None else x, mask.contiguous() if mode == 1 else x,
+        grad_y, grad_ldj.contiguous(), gx, gs, gt, gscale if gscale is not None else gx,
+        c, n_s, w, max(checker_parity, 0),
+        HAS_SCALE=scale is not None, MASK_MODE=mode, REVERSE=bool(reverse),
+        BLOCK_C=block_c, BLOCK_S=block_s, num_warps=num_warps_for(block_c * block_s))
+    return gx, gs, gt, None if gscale is None else gscale.sum(0)

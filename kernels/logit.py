@@ -1,0 +1,132 @@
+"""Fused logit preprocessing of RealNVP (dequantisation, logit, per-sample log-det) forward/reverse and backward.
+
+Layout: x viewed as (B, N); one program per (sample b, BLOCK of N). With a = alpha, L = log(1 - 2a):
+    forward: u = (255 x + noise) / 256 (HAS_NOISE) or x;  p = a + (1 - 2a) u;  y = log p - log(1 - p);
+             ldj = +sum [L - log p - log(1 - p)]
+    reverse: p = sigmoid(x);  y = (p - a) / (1 - 2a);  ldj = -sum [L + softplus(x) + softplus(-x)]
+Per-sample ldj partials are summed by the launcher (deterministic); one tile per sample adds sldj in the kernel.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import next_pow2, num_warps_for
+
+__all__ = ["logit_forward", "logit_backward"]
+
+_MAX_BLOCK = 2048
+
+
+@triton.jit
+def _logit_fwd_kernel(x_ptr, noise_ptr, sldj_ptr, y_ptr, ldj_ptr, N, alpha,
+                      HAS_NOISE: tl.constexpr, REVERSE: tl.constexpr, HAS_SLDJ: tl.constexpr,
+                      ONE_TILE: tl.constexpr, BLOCK: tl.constexpr):
+    """y and the log-det of the module docstring on one BLOCK of sample b (partial to ldj_ptr[b, tile])."""
+    b = tl.program_id(0)
+    pn = tl.program_id(1)
+    a = tl.cast(alpha, tl.float32)
+    log_scale = tl.log(1.0 - 2.0 * a)
+    n = pn * BLOCK + tl.arange(0, BLOCK)
+    m = n < N
+    off = b.to(tl.int64) * N + n
+    x = tl.load(x_ptr + off, mask=m, other=0.5).to(tl.float32)
+    if REVERSE:
+        p = tl.sigmoid(x)
+        y = (p - a) / (1.0 - 2.0 * a)
+        ax = tl.abs(x)
+        ldj_el = log_scale + ax + 2.0 * tl.log(1.0 + tl.exp(-ax))
+    else:
+        if HAS_NOISE:
+            x = (x * 255.0 + tl.load(noise_ptr + off, mask=m, other=0.0).to(tl.float32)) / 256.0
+        p = a + (1.0 - 2.0 * a) * x
+        lp = tl.log(p)
+        l1p = tl.log(1.0 - p)
+        y = lp - l1p
+        ldj_el = log_scale - lp - l1p
+    tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=m)
+    ldj = tl.sum(tl.where(m, ldj_el, 0.0), axis=0)
+    if REVERSE:
+        ldj = -ldj
+    if ONE_TILE:
+        if HAS_SLDJ:
+            ldj += tl.load(sldj_ptr + b).to(tl.float32)
+        tl.store(ldj_ptr + b, ldj)
+    else:
+        tl.store(ldj_ptr + b * tl.num_programs(1) + pn, ldj)
+
+
+@triton.jit
+def _logit_bwd_kernel(x_ptr, noise_ptr, gy_ptr, gldj_ptr, gx_ptr, N, alpha,
+                      HAS_NOISE: tl.constexpr, REVERSE: tl.constexpr, BLOCK: tl.constexpr):
+    """gx from the inputs (gl = grad of ldj_out[b]):
+        forward: g_u = (1 - 2a) [gy (1/p + 1/(1-p)) + gl (1/(1-p) - 1/p)],  gx = g_u 255/256 (HAS_NOISE) or g_u
+        reverse: gx = gy p (1 - p) / (1 - 2a) - gl (2p - 1),  p = sigmoid(x)"""
+    b = tl.program_id(0)
+    pn = tl.program_id(1)
+    a = tl.cast(alpha, tl.float32)
+    n = pn * BLOCK + tl.arange(0, BLOCK)
+    m = n < N
+    off = b.to(tl.int64) * N + n
+    x = tl.load(x_ptr + off, mask=m, other=0.5).to(tl.float32)
+    gy = tl.load(gy_ptr + off, mask=m, other=0.0).to(tl.float32)
+    gl = tl.load(gldj_ptr + b).to(tl.float32)
+    if REVERSE:
+        p = tl.sigmoid(x)
+        gx = gy * p * (1.0 - p) / (1.0 - 2.0 * a) - gl * (2.0 * p - 1.0)
+    else:
+        if HAS_NOISE:
+            x = (x * 255.0 + tl.load(noise_ptr + off, mask=m, other=0.0).to(tl.float32)) / 256.0
+        p = a + (1.0 - 2.0 * a) * x
+        ip = 1.0 / p
+        iq = 1.0 / (1.0 - p)
+        gx = (1.0 - 2.0 * a) * (gy * (ip + iq) + gl * (iq - ip))
+        if HAS_NOISE:
+            gx = gx * (255.0 / 256.0)
+    tl.store(gx_ptr + off, gx.to(gx_ptr.dtype.element_ty), mask=m)
+
+
+def _tiles(x: torch.Tensor):
+    b = x.shape[0]
+    n = math.prod(x.shape[1:])
+    block = min(next_pow2(n), _MAX_BLOCK)
+    return b, n, block, (b, triton.cdiv(n, block))
+
+
+def logit_forward(x, alpha: float, reverse: bool, sldj, noise):
+    """x (B, *) fp32/bf16/fp16, noise None or like x, sldj None or (B,) fp32 -> (y like x, ldj_out (B,) fp32).
+    One launch (plus a (B, tiles) partial sum when a sample spans several tiles)."""
+    x = x.contiguous()
+    b, n, block, grid = _tiles(x)
+    y = torch.empty_like(x)
+    if b == 0:
+        return y, torch.zeros(0, dtype=torch.float32, device=x.device)
+    one_tile = grid[1] == 1
+    ldj = torch.empty((b,) if one_tile else grid, dtype=torch.float32, device=x.device)
+    _logit_fwd_kernel[grid](x, noise.contiguous() if noise is not None else x,
+                            sldj.contiguous() if sldj is not None else ldj, y, ldj, n, float(alpha),
+                            HAS_NOISE=noise is not None, REVERSE=bool(reverse), HAS_SLDJ=sldj is not None,
+                            ONE_TILE=one_tile, BLOCK=block, num_warps=num_warps_for(block))
+    if not one_tile:
+        ldj = ldj.sum(1)
+        if sldj is not None:
+            ldj = ldj + sldj
+    return y, ldj
+
+
+def logit_backward(grad_y, grad_ldj, x, alpha: float, reverse: bool, noise):
+    """grad_y like x, grad_ldj (B,) fp32 -> grad_x like x (grad of noise = grad_x / 255). One launch."""
+    x = x.contiguous()
+    b, n, block, grid = _tiles(x)
+    gx = torch.empty_like(x)
+    if b == 0:
+        return gx
+    _logit_bwd_kernel[grid](x, noise.contiguous() if noise is not None else x, grad_y.contiguous(),
+                            grad_ldj.contiguous(), gx, n, float(alpha),
+                            HAS_NOISE=noise is not None, REVERSE=bool(reverse), BLOCK=block,
+                            num_warps=num_warps_for(block))
+    return gx
