@@ -70,7 +70,7 @@ def _initial_backend() -> str:
 
 
 _current: str = _initial_backend()
-_loaded: dict[str, ModuleType] = {}
+_loaded: dict[str, ModuleType] = {"torch": importlib.import_module(_MODULES["torch"])}
 _load_errors: dict[str, str] = {}
 
 
@@ -167,26 +167,33 @@ def set_auto_table(table: dict[str, dict[str, str]]) -> None:
 
 def resolve(op: str, device: torch.device) -> str:
     """The concrete backend name that runs ``op`` for tensors on ``device`` under the current selection."""
-    name = _current
-    if name != "auto":
-        if not device_supported(name, device.type):
+    return _resolve(op, device.type, _current)
+
+
+@torch.compiler.assume_constant_result
+def _resolve(op: str, device_type: str, current: str) -> str:
+    # Under torch.compile this runs for real at trace time (backend modules are imported lazily, which dynamo cannot
+    # trace) and its result is baked into the graph; dynamo guards on ``_current`` read by the caller, so switching
+    # the backend recompiles.
+    if current != "auto":
+        if unavailable_reason(current) is not None:
+            raise BackendUnavailableError(unavailable_reason(current))
+        if not device_supported(current, device_type):
             hint = ""
-            if name == "triton" and device.type == "cpu":
+            if current == "triton" and device_type == "cpu":
                 hint = " (set TRITON_INTERPRET=1 before importing triton to run the kernels on the CPU interpreter)"
-            elif name == "native" and device.type == "cuda":
+            elif current == "native" and device_type == "cuda":
                 hint = f" (the extension was built without CUDA; rebuild with CUDA_HOME set: `{REBUILD_HINT}`)"
-            raise BackendUnavailableError(f"backend {name!r} does not support {device.type} tensors{hint}")
-        return name
-    preferred = _AUTO_TABLE.get(device.type, {}).get(op)
-    order = ((preferred,) if preferred else ()) + AUTO_PREFERENCE.get(device.type, ("torch",))
+            raise BackendUnavailableError(f"backend {current!r} does not support {device_type} tensors{hint}")
+        return current
+    preferred = _AUTO_TABLE.get(device_type, {}).get(op)
+    order = ((preferred,) if preferred else ()) + AUTO_PREFERENCE.get(device_type, ("torch",))
     for candidate in order:
-        if unavailable_reason(candidate) is None and device_supported(candidate, device.type):
+        if unavailable_reason(candidate) is None and device_supported(candidate, device_type):
             return candidate
     return "torch"
 
 
 def get_op(op: str, device: torch.device):
     """The implementation of ``op`` that runs for tensors on ``device`` (used by :mod:`flowgmm_fast.functional`)."""
-    name = resolve(op, device)
-    module = _loaded[name] if name != "torch" else _load("torch")
-    return getattr(module, op)
+    return getattr(_loaded[resolve(op, device)], op)

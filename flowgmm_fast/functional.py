@@ -202,7 +202,8 @@ def gmm_nll(z, means, log_std, weight_logits=None, labels=None, label_weight=1.0
     label k:                       -label_weight * log N(z; mu_k, Sigma_k)           (labeled; no log pi_k, as the
                                                                                         original FlowGMM)
     labels: int64 (B,) with values in [-1, K). With ``return_logits=True`` returns ``(nll, class_logits)`` from the
-    same fused pass. Label range is checked for CPU tensors, and for CUDA tensors in debug mode (a host sync).
+    same fused pass. Label range is checked for CPU tensors, and for CUDA tensors in debug mode (a host sync); not
+    inside torch.compile (a data-dependent check would break the graph).
     """
     _check_gmm(z, means, log_std, weight_logits)
     if labels is not None:
@@ -213,7 +214,8 @@ def gmm_nll(z, means, log_std, weight_logits=None, labels=None, label_weight=1.0
             raise ValueError(f"labels must have shape ({z.shape[0]},) to match z, got {tuple(labels.shape)}")
         _check_same("labels", labels, z, "z", shape=False, dtype=False)
         labels = labels.long()
-        if labels.numel() and (labels.device.type == "cpu" or debug.enabled()):
+        check = labels.device.type == "cpu" or debug.enabled()
+        if check and labels.numel() and not torch.compiler.is_compiling():
             lo, hi = int(labels.min()), int(labels.max())
             if lo < -1 or hi >= means.shape[0]:
                 raise ValueError(f"labels must be in [-1, {means.shape[0]}) (-1 = unlabeled), got values in "
