@@ -1,0 +1,125 @@
+// 2x2 squeeze (a permutation, any dtype) and the logit preprocessing with its per-sample log-det on the CPU.
+// Rows run in parallel with at::parallel_for; the per-element math is flowgmm_math.h's.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include "flowgmm_math.h"
+#include "ops.h"
+
+namespace flowgmm {
+namespace cpu {
+
+Tensor squeeze2x2(const Tensor& x_, bool reverse, bool alt_order) {
+  const Tensor x = x_.contiguous();
+  const int64_t B = x.size(0);
+  // squeezed geometry (B, 4C, H2, W2); the other side is (B, C, 2 H2, 2 W2)
+  const int64_t C = reverse ? x.size(1) / 4 : x.size(1);
+  const int64_t H2 = reverse ? x.size(2) : x.size(2) / 2;
+  const int64_t W2 = reverse ? x.size(3) : x.size(3) / 2;
+  Tensor out = reverse ? at::empty({B, C, 2 * H2, 2 * W2}, x.options())
+                       : at::empty({B, 4 * C, H2, W2}, x.options());
+  if (x.numel() == 0) return out;
+  AT_DISPATCH_ALL_TYPES_AND3(at::kHalf, at::kBFloat16, at::kBool, x.scalar_type(), "squeeze2x2_cpu", [&] {
+    const scalar_t* src = x.data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    // rows (b, oc, h) of the squeezed tensor
+    at::parallel_for(0, B * 4 * C * H2, std::max<int64_t>(1, 4096 / W2), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t h = r % H2, boc = r / H2, oc = boc % (4 * C), b = boc / (4 * C);
+        const int64_t base = math::squeeze_unsq_offset(b, oc, h, 0, C, H2, W2, alt_order);
+        if (reverse) {
+          for (int64_t w = 0; w < W2; ++w) dst[base + 2 * w] = src[r * W2 + w];
+        } else {
+          for (int64_t w = 0; w < W2; ++w) dst[r * W2 + w] = src[base + 2 * w];
+        }
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor> logit_fwd(const Tensor& x_, double alpha, bool reverse, const OptTensor& sldj,
+                                     const OptTensor& noise) {
+  const Tensor x = x_.contiguous();
+  const Tensor n = noise ? noise->contiguous() : Tensor();
+  const int64_t B = x.size(0), N = B == 0 ? 0 : x.numel() / B;
+  const auto acc_t = acc_dtype(x.scalar_type());
+  const auto out_t = ldj_dtype(x.scalar_type(), sldj ? sldj->scalar_type() : at::kFloat);
+  Tensor y = at::empty_like(x);
+  Tensor ldj = at::zeros({B}, x.options().dtype(acc_t));
+  const double log_scale = std::log1p(-2 * alpha);
+  if (x.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "logit_fwd_cpu", [&] {
+      using acc = at::opmath_type<scalar_t>;
+      const scalar_t* xp = x.data_ptr<scalar_t>();
+      const scalar_t* np = noise ? n.data_ptr<scalar_t>() : nullptr;
+      scalar_t* yp = y.data_ptr<scalar_t>();
+      acc* lp = ldj.data_ptr<acc>();
+      const acc a = static_cast<acc>(alpha), ls = static_cast<acc>(log_scale);
+      at::parallel_for(0, B, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, N)), [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+          acc sum = 0;
+          for (int64_t i = b * N; i < (b + 1) * N; ++i) {
+            acc el;
+            acc v = static_cast<acc>(xp[i]);
+            if (reverse) {
+              yp[i] = static_cast<scalar_t>(math::logit_reverse(v, a, ls, el));
+            } else {
+              if (np) v = (v * acc(255) + static_cast<acc>(np[i])) / acc(256);
+              yp[i] = static_cast<scalar_t>(math::logit_forward(v, a, ls, el));
+            }
+            sum += el;
+          }
+          lp[b] = reverse ? -sum : sum;
+        }
+      });
+    });
+  }
+  Tensor out = ldj.to(out_t);
+  if (sldj) out = out.add_(sldj->to(out_t));
+  return {y, out};
+}
+
+Tensor logit_bwd(const Tensor& grad_y, const OptTensor& grad_sldj, const Tensor& x_, double alpha, bool reverse,
+                 const OptTensor& noise) {
+  const Tensor x = x_.contiguous();
+  const Tensor gy = grad_y.to(x.scalar_type()).contiguous();
+  const Tensor n = noise ? noise->contiguous() : Tensor();
+  const int64_t B = x.size(0), N = B == 0 ? 0 : x.numel() / B;
+  const auto acc_t = acc_dtype(x.scalar_type());
+  const Tensor gl = grad_sldj ? grad_sldj->to(acc_t).contiguous() : Tensor();
+  Tensor gx = at::empty_like(x);
+  if (x.numel() == 0) return gx;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "logit_bwd_cpu", [&] {
+    using acc = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* gyp = gy.data_ptr<scalar_t>();
+    const scalar_t* np = noise ? n.data_ptr<scalar_t>() : nullptr;
+    const acc* glp = grad_sldj ? gl.data_ptr<acc>() : nullptr;
+    scalar_t* gxp = gx.data_ptr<scalar_t>();
+    const acc a = static_cast<acc>(alpha);
+    at::parallel_for(0, B, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, N)), [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const acc glb = glp ? glp[b] : acc(0);
+        for (int64_t i = b * N; i < (b + 1) * N; ++i) {
+          const acc v = static_cast<acc>(xp[i]), g = static_cast<acc>(gyp[i]);
+          acc out;
+          if (reverse) {
+            out = math::logit_reverse_grad(g, glb, v, a);
+          } else if (np) {
+            const acc u = (v * acc(255) + static_cast<acc>(np[i])) / acc(256);
+            out = math::logit_forward_grad(g, glb, u, a) * (acc(255) / acc(256));
+          } else {
+            out = math::logit_forward_grad(g, glb, v, a);
+          }
+          gxp[i] = static_cast<scalar_t>(out);
+        }
+      }
+    });
+  });
+  return gx;
+}
+
+}  // namespace cpu
+}  // namespace flowgmm

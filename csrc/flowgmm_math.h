@@ -1,0 +1,254 @@
+// Per-element math of every flowgmm_native op, shared by the CPU loops (csrc/cpu/*.cpp) and the CUDA kernels
+// (csrc/cuda/*.cu): the CPU tests exercise exactly the formulas the GPU kernels run. Semantics are those of
+// flowgmm_fast/ops/reference.py (its module docstring); `acc` is float for float/bfloat16/half inputs, double for
+// double.
+//
+// Transcendentals: on the device the CUDA libm (expf, tanhf, ...); on the host, for float, branch-free
+// polynomial exp/tanh (Cephes-style, ~2 ulp) that GCC vectorises inside the CPU loops (glibc's scalar expf/tanhf
+// would not vectorise and would lose to eager PyTorch's SLEEF kernels); double always uses libm.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define FG_HD __host__ __device__ __forceinline__
+#else
+#define FG_HD inline
+#endif
+
+namespace flowgmm {
+namespace math {
+
+#if !defined(__CUDA_ARCH__)
+// exp for float, vectorisable: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-6 polynomial, 2^n via the exponent
+// bits. Exact 0 below -87.3 (where the result would be denormal) and +inf above 88.7; NaN propagates.
+inline float host_expf(float x) {
+  const float lo = -87.3f, hi = 88.5f;
+  float xc = x < lo ? lo : x;
+  xc = xc > hi ? hi : xc;
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer
+  float n = (xc * 1.44269504088896341f + magic) - magic;
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  float e = p * r * r + r + 1.0f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  float out = e * scale;
+  out = x < lo ? 0.0f : out;
+  out = x > 88.7f ? INFINITY : out;
+  return out;
+}
+
+// tanh for float, vectorisable: odd polynomial for |x| < 0.625 (relative error ~1e-7), else
+// sign(x) (1 - 2 / (exp(2|x|) + 1)).
+inline float host_tanhf(float x) {
+  float ax = x < 0.0f ? -x : x;
+  float x2 = x * x;
+  // Cephes tanhf minimax coefficients on [0, 0.625]
+  float p = -5.70498872745e-3f;
+  p = p * x2 + 2.06390887954e-2f;
+  p = p * x2 + -5.37397155531e-2f;
+  p = p * x2 + 1.33314422036e-1f;
+  p = p * x2 + -3.33332819422e-1f;
+  float small = x + x * x2 * p;
+  float e = host_expf(2.0f * (ax > 44.0f ? 44.0f : ax));
+  float big = 1.0f - 2.0f / (e + 1.0f);
+  big = x < 0.0f ? -big : big;
+  return ax < 0.625f ? small : big;
+}
+#endif
+
+FG_HD float exp_(float x) {
+#if defined(__CUDA_ARCH__)
+  return expf(x);
+#else
+  return host_expf(x);
+#endif
+}
+FG_HD double exp_(double x) { return exp(x); }
+
+FG_HD float tanh_(float x) {
+#if defined(__CUDA_ARCH__)
+  return tanhf(x);
+#else
+  return host_tanhf(x);
+#endif
+}
+FG_HD double tanh_(double x) { return tanh(x); }
+
+FG_HD float log_(float x) { return logf(x); }
+FG_HD double log_(double x) { return log(x); }
+FG_HD float log1p_(float x) { return log1pf(x); }
+FG_HD double log1p_(double x) { return log1p(x); }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Affine coupling (Dinh et al. 2017, eq. 7-9). keep = mask value b (1 = conditioning position, 0 = transformed).
+//   s_eff = scale * tanh(s) (or s), s_m = (1 - b) s_eff, t_m = (1 - b) t
+//   forward: y = (x + t_m) exp(s_m);   reverse: y = x exp(-s_m) - t_m;   log-det term: s_m (caller signs it)
+
+// checkerboard mask value b[h, w] = (h + w + parity) % 2
+FG_HD int checker_keep(int64_t h, int64_t w, int parity) { return static_cast<int>((h + w + parity) & 1); }
+
+template <typename acc, bool kScale, bool kReverse>
+FG_HD acc coupling_forward(acc x, acc s, acc t, acc scale, acc keep, acc& s_m) {
+  const acc s_eff = kScale ? scale * tanh_(s) : s;
+  const acc w = acc(1) - keep;
+  s_m = w * s_eff;
+  const acc t_m = w * t;
+  return kReverse ? x * exp_(-s_m) - t_m : (x + t_m) * exp_(s_m);
+}
+
+// Gradients of one element given dL/dy = gy and dL/dsldj_out[b] = gl. Writes dL/dx, dL/ds, dL/dt and returns the
+// element's contribution to dL/dscale[c] (0 without scale).
+template <typename acc, bool kScale, bool kReverse>
+FG_HD acc coupling_backward(acc gy, acc gl, acc x, acc s, acc t, acc scale, acc keep, acc& gx, acc& gs, acc& gt) {
+  const acc th = kScale ? tanh_(s) : acc(0);
+  const acc s_eff = kScale ? scale * th : s;
+  const acc w = acc(1) - keep;
+  const acc s_m = w * s_eff;
+  acc g_sm;
+  if (kReverse) {
+    const acc e = exp_(-s_m);
+    gx = gy * e;
+    gt = -gy * w;
+    g_sm = -(gy * x * e) - gl;
+  } else {
+    const acc e = exp_(s_m);
+    gx = gy * e;
+    gt = gx * w;
+    g_sm = gx * (x + w * t) + gl;
+  }
+  const acc g_seff = w * g_sm;
+  if (kScale) {
+    gs = g_seff * scale * (acc(1) - th * th);
+    return g_seff * th;
+  }
+  gs = g_seff;
+  return acc(0);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 2x2 squeeze: offset in the unsqueezed (B, C, 2 H2, 2 W2) tensor of the squeezed element [b, oc, h, w] of
+// (B, 4C, H2, W2). Default order oc = 4c + 2i + j; alt order oc = kC + c with (i, j) = (0,0), (1,1), (0,1), (1,0)
+// for k = 0..3. Forward gathers through it, reverse scatters (a permutation).
+FG_HD int64_t squeeze_unsq_offset(int64_t b, int64_t oc, int64_t h, int64_t w, int64_t C, int64_t H2, int64_t W2,
+                                  bool alt) {
+  int64_t c, i, j;
+  if (alt) {
+    const int64_t k = oc / C;
+    c = oc - k * C;
+    i = (k == 1 || k == 3) ? 1 : 0;
+    j = (k == 1 || k == 2) ? 1 : 0;
+  } else {
+    c = oc >> 2;
+    i = (oc >> 1) & 1;
+    j = oc & 1;
+  }
+  return ((b * C + c) * (2 * H2) + 2 * h + i) * (2 * W2) + 2 * w + j;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Logit preprocessing (RealNVP). forward: u = (255 x + noise) / 256 (or x), p = alpha + (1 - 2 alpha) u,
+// y = log p - log(1 - p), log-det term log(1 - 2 alpha) - log p - log(1 - p).
+// reverse: p = sigmoid(x), y = (p - alpha) / (1 - 2 alpha), log-det term log(1 - 2 alpha) + softplus(x) + softplus(-x)
+// (the caller subtracts it).
+
+template <typename acc>
+FG_HD acc logit_forward(acc u, acc alpha, acc log_scale, acc& ldj) {
+  const acc p = alpha + (acc(1) - acc(2) * alpha) * u;
+  const acc lp = log_(p), l1p = log1p_(-p);
+  ldj = log_scale - lp - l1p;
+  return lp - l1p;
+}
+
+// dL/du for the forward transform given gy = dL/dy and gl = dL/dsldj_out[b]
+template <typename acc>
+FG_HD acc logit_forward_grad(acc gy, acc gl, acc u, acc alpha) {
+  const acc a = acc(1) - acc(2) * alpha;
+  const acc p = alpha + a * u;
+  const acc ip = acc(1) / p, iq = acc(1) / (acc(1) - p);
+  return a * (gy * (ip + iq) + gl * (iq - ip));
+}
+
+template <typename acc>
+FG_HD acc logit_reverse(acc x, acc alpha, acc log_scale, acc& ldj) {
+  const acc ax = x < acc(0) ? -x : x;
+  const acc p = acc(1) / (acc(1) + exp_(-x));
+  ldj = log_scale + ax + acc(2) * log1p_(exp_(-ax));
+  return (p - alpha) / (acc(1) - acc(2) * alpha);
+}
+
+// dL/dx for the reverse transform (sldj_out = sldj - ldj): dy/dx = p (1 - p) / (1 - 2 alpha), dldj/dx = 2p - 1
+template <typename acc>
+FG_HD acc logit_reverse_grad(acc gy, acc gl, acc x, acc alpha) {
+  const acc p = acc(1) / (acc(1) + exp_(-x));
+  return gy * p * (acc(1) - p) / (acc(1) - acc(2) * alpha) - gl * (acc(2) * p - acc(1));
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Gaussian mixture (Izmailov et al. 2020, eq. 1-3). Per sample b, with maha_k = sum_d (z_d - mu_kd)^2 / sigma_kd^2:
+//   log N_k = -0.5 maha_k - log_det_k - 0.5 D log(2 pi);   logits_k = log N_k + log pi_k
+//   nll = -logsumexp_k logits_k (label -1), -label_weight log N_y (label y).
+
+constexpr double kLog2Pi = 1.8378770664093454835606594728112;
+
+// log-softmax of K weight logits (or uniform when w == nullptr) into out[K]
+template <typename acc, typename wt>
+FG_HD void log_weights(const wt* w, int64_t K, acc* out) {
+  if (w == nullptr) {
+    const acc v = -log_(acc(K));
+    for (int64_t k = 0; k < K; ++k) out[k] = v;
+    return;
+  }
+  acc m = acc(w[0]);
+  for (int64_t k = 1; k < K; ++k) m = acc(w[k]) > m ? acc(w[k]) : m;
+  acc sum = 0;
+  for (int64_t k = 0; k < K; ++k) sum += exp_(acc(w[k]) - m);
+  const acc lse = m + log_(sum);
+  for (int64_t k = 0; k < K; ++k) out[k] = acc(w[k]) - lse;
+}
+
+// logsumexp of a row of K logits (strided by 1)
+template <typename acc>
+FG_HD acc row_logsumexp(const acc* row, int64_t K) {
+  acc m = row[0];
+  for (int64_t k = 1; k < K; ++k) m = row[k] > m ? row[k] : m;
+  if (m == acc(-INFINITY)) return m;
+  acc sum = 0;
+  for (int64_t k = 0; k < K; ++k) sum += exp_(row[k] - m);
+  return m + log_(sum);
+}
+
+// nll of one sample from its logits row: label < 0 -> -logsumexp, else -label_weight * (logits_y - log pi_y)
+template <typename acc>
+FG_HD acc row_nll(const acc* logits, const acc* log_pi, int64_t K, int64_t label, acc label_weight) {
+  if (label >= 0) return -label_weight * (logits[label] - log_pi[label]);
+  return -row_logsumexp(logits, K);
+}
+
+// Gradient of one sample w.r.t. its log N row (G) and its log pi terms (P):
+//   P_k = g_logits_k - [unlabeled] g_nll softmax(logits)_k;   G_k = P_k - [labeled, k == y] g_nll label_weight.
+// g_logits may be nullptr (zero). Writes G[K] and P[K].
+template <typename acc>
+FG_HD void row_grad(const acc* logits, const acc* g_logits, acc g_nll, int64_t K, int64_t label, acc label_weight,
+                    acc* G, acc* P) {
+  const acc lse = label < 0 ? row_logsumexp(logits, K) : acc(0);
+  for (int64_t k = 0; k < K; ++k) {
+    acc p = g_logits ? g_logits[k] : acc(0);
+    if (label < 0) p -= g_nll * exp_(logits[k] - lse);
+    P[k] = p;
+    G[k] = (label == k) ? p - g_nll * label_weight : p;
+  }
+}
+
+}  // namespace math
+}  // namespace flowgmm

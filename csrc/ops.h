@@ -1,0 +1,49 @@
+// Declarations shared by the op registration (ops.cpp), the CPU loops (cpu/*.cpp) and the CUDA launchers (cuda/*.cu).
+// Every function here takes checked, normalised arguments (see check_* in ops.cpp); shapes follow
+// flowgmm_fast/ops/reference.py.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace flowgmm {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+// Log-det / likelihood dtype: float64 when any input is float64, else float32.
+inline at::ScalarType ldj_dtype(at::ScalarType a, at::ScalarType b = at::kFloat, at::ScalarType c = at::kFloat) {
+  return (a == at::kDouble || b == at::kDouble || c == at::kDouble) ? at::kDouble : at::kFloat;
+}
+// Compute dtype of a tensor's elements: double for double, float otherwise.
+inline at::ScalarType acc_dtype(at::ScalarType a) { return a == at::kDouble ? at::kDouble : at::kFloat; }
+
+#define FLOWGMM_DECLARE_OPS(ns)                                                                                    \
+  namespace ns {                                                                                                   \
+  std::tuple<Tensor, Tensor> coupling_fwd(const Tensor& x, const Tensor& s, const Tensor& t, const OptTensor& scale, \
+                                          const OptTensor& mask, int64_t parity, bool reverse,                     \
+                                          const OptTensor& sldj);                                                  \
+  std::tuple<Tensor, Tensor, Tensor, Tensor> coupling_bwd(const Tensor& grad_y, const OptTensor& grad_sldj,        \
+                                                          const Tensor& x, const Tensor& s, const Tensor& t,       \
+                                                          const OptTensor& scale, const OptTensor& mask,           \
+                                                          int64_t parity, bool reverse);                           \
+  Tensor squeeze2x2(const Tensor& x, bool reverse, bool alt_order);                                                \
+  std::tuple<Tensor, Tensor> logit_fwd(const Tensor& x, double alpha, bool reverse, const OptTensor& sldj,         \
+                                       const OptTensor& noise);                                                    \
+  Tensor logit_bwd(const Tensor& grad_y, const OptTensor& grad_sldj, const Tensor& x, double alpha, bool reverse,  \
+                   const OptTensor& noise);                                                                        \
+  std::tuple<Tensor, Tensor> gmm_fwd(const Tensor& z, const Tensor& means, const Tensor& log_std,                  \
+                                     const OptTensor& weight_logits, const OptTensor& labels, double label_weight); \
+  std::tuple<Tensor, Tensor, Tensor, Tensor> gmm_bwd(const OptTensor& grad_nll, const OptTensor& grad_logits,      \
+                                                     const Tensor& z, const Tensor& means, const Tensor& log_std,  \
+                                                     const OptTensor& weight_logits, const OptTensor& labels,      \
+                                                     double label_weight, const Tensor& logits);                   \
+  }
+
+FLOWGMM_DECLARE_OPS(cpu)
+#if defined(FLOWGMM_WITH_CUDA)
+FLOWGMM_DECLARE_OPS(cuda)
+#endif
+}  // namespace flowgmm

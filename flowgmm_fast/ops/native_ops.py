@@ -1,0 +1,211 @@
+"""The "native" backend: the compiled extension ``flowgmm_fast._C`` (C++ CPU loops and CUDA kernels, ``csrc/``) behind
+the normalised signatures of :mod:`flowgmm_fast.ops.reference`.
+
+Ops (``torch.ops.flowgmm_native``, schemas in ``csrc/ops.cpp``, named like the triton backend's):
+    coupling_fwd / coupling_bwd   fused affine coupling: tanh-scale, mask (none / dense / checkerboard from indices),
+                                  exp, per-sample log-det into sldj; backward gives x, s, t, scale (per-channel
+                                  reduction) and sldj gradients in one pass, recomputed from the inputs
+    squeeze2x2                    2x2 squeeze / unsqueeze, both channel orders (its own backward, reverse flipped)
+    logit_fwd / logit_bwd         fused dequantise + logit + log-det
+    gmm_fwd / gmm_bwd             GMM log-densities, log pi, logsumexp over K, label gather -> (nll (B,), logits (B, K));
+                                  backward from the inputs and the saved (B, K) logits
+The C++ side registers the CPU and CUDA kernels; this module adds ``register_fake`` (shapes for torch.compile and
+opcheck) and ``register_autograd``. Compute dtype: float32 for float32/bfloat16/float16 inputs, float64 for float64;
+log-dets and GMM outputs are float32 (float64 when an input is float64). No gradient flows to ``mask``.
+
+The extension records the torch and CUDA versions it was built against (``_C.build_info()``); a mismatch with the
+running torch makes the backend unavailable with a message naming the rebuild command.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["affine_coupling", "squeeze2x2", "logit_transform", "gmm_log_prob", "gmm_nll", "unavailable_reason",
+           "supports_device", "build_info"]
+
+REBUILD = "pip install --no-build-isolation -e ."
+
+try:
+    from flowgmm_fast import _C
+
+    _BUILD: dict = _C.build_info()
+    _IMPORT_ERROR: str | None = None
+except ImportError as exc:  # reported through unavailable_reason()
+    _BUILD = {}
+    _IMPORT_ERROR = f"flowgmm_fast._C could not be imported ({type(exc).__name__}: {exc})"
+
+
+def build_info() -> dict:
+    """What ``flowgmm_fast._C`` was built against: ``{"torch": str, "cuda": str, "with_cuda": bool}`` ({} if absent)."""
+    return dict(_BUILD)
+
+
+def _version_mismatch() -> str | None:
+    if _BUILD.get("torch") != torch.__version__:
+        return (f"flowgmm_fast._C was built against torch {_BUILD.get('torch')} but torch {torch.__version__} is "
+                f"running; rebuild it with `{REBUILD}` from the repository root")
+    if _BUILD.get("with_cuda") and _BUILD.get("cuda") != (torch.version.cuda or ""):
+        return (f"flowgmm_fast._C was built against CUDA {_BUILD.get('cuda')} but torch uses CUDA "
+                f"{torch.version.cuda}; rebuild it with `{REBUILD}`")
+    return None
+
+
+def unavailable_reason() -> str | None:
+    """Why the native backend cannot run in this process (None when it can)."""
+    return _IMPORT_ERROR or _version_mismatch()
+
+
+def supports_device(device_type: str) -> bool:
+    """CPU always; CUDA when the extension was built with its CUDA kernels."""
+    return device_type == "cpu" or (device_type == "cuda" and bool(_BUILD.get("with_cuda")))
+
+
+def _check_device(t: Tensor) -> None:
+    if not supports_device(t.device.type):
+        hint = (f" (flowgmm_fast._C was built without CUDA; rebuild with CUDA_HOME set: `{REBUILD}`)"
+                if t.device.type == "cuda" else "")
+        raise RuntimeError(f"the native backend runs on cpu{' and cuda' if _BUILD.get('with_cuda') else ''} tensors, "
+                           f"got a tensor on {t.device}{hint}")
+
+
+def _ldj_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def _empty(shape, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    return torch.empty(shape, dtype=like.dtype if dtype is None else dtype, device=like.device)
+
+
+if _IMPORT_ERROR is None:
+    _ops = torch.ops.flowgmm_native
+
+    # ------------------------------------------------------------------------------------------------ coupling
+    @torch.library.register_fake("flowgmm_native::coupling_fwd")
+    def _(x, s, t, scale, mask, checker_parity, reverse, sldj):
+        out_dt = _ldj_dtype(x.dtype, sldj.dtype if sldj is not None else torch.float32)
+        return _empty(x.shape, x), _empty((x.shape[0],), x, out_dt)
+
+    @torch.library.register_fake("flowgmm_native::coupling_bwd")
+    def _(grad_y, grad_sldj, x, s, t, scale, mask, checker_parity, reverse):
+        gscale = _empty((x.shape[1],), x, scale.dtype) if scale is not None else _empty((0,), x)
+        return _empty(x.shape, x), _empty(x.shape, x), _empty(x.shape, x), gscale
+
+    def _coupling_setup(ctx, inputs, output):
+        x, s, t, scale, mask, parity, reverse, sldj = inputs
+        ctx.save_for_backward(x, s, t, scale, mask)
+        ctx.parity, ctx.reverse = parity, reverse
+        ctx.sldj_dtype = None if sldj is None else sldj.dtype
+
+    def _coupling_backward(ctx, grad_y, grad_sldj):
+        x, s, t, scale, mask = ctx.saved_tensors
+        if grad_y is None:
+            grad_y = torch.zeros_like(x)
+        gx, gs, gt, gscale = _ops.coupling_bwd(grad_y, grad_sldj, x, s, t, scale, mask, ctx.parity, ctx.reverse)
+        g_sldj = None if ctx.sldj_dtype is None or grad_sldj is None else grad_sldj.to(ctx.sldj_dtype)
+        return gx, gs, gt, (gscale if scale is not None else None), None, None, None, g_sldj
+
+    torch.library.register_autograd("flowgmm_native::coupling_fwd", _coupling_backward, setup_context=_coupling_setup)
+
+    # ------------------------------------------------------------------------------------------------- squeeze
+    @torch.library.register_fake("flowgmm_native::squeeze2x2")
+    def _(x, reverse, alt_order):
+        b, c, h, w = x.shape
+        return _empty((b, c // 4, 2 * h, 2 * w) if reverse else (b, 4 * c, h // 2, w // 2), x)
+
+    def _squeeze_setup(ctx, inputs, output):
+        ctx.reverse, ctx.alt_order = inputs[1], inputs[2]
+
+    def _squeeze_backward(ctx, grad):
+        return _ops.squeeze2x2(grad, not ctx.reverse, ctx.alt_order), None, None
+
+    torch.library.register_autograd("flowgmm_native::squeeze2x2", _squeeze_backward, setup_context=_squeeze_setup)
+
+    # --------------------------------------------------------------------------------------------------- logit
+    @torch.library.register_fake("flowgmm_native::logit_fwd")
+    def _(x, alpha, reverse, sldj, noise):
+        out_dt = _ldj_dtype(x.dtype, sldj.dtype if sldj is not None else torch.float32)
+        return _empty(x.shape, x), _empty((x.shape[0],), x, out_dt)
+
+    @torch.library.register_fake("flowgmm_native::logit_bwd")
+    def _(grad_y, grad_sldj, x, alpha, reverse, noise):
+        return _empty(x.shape, x)
+
+    def _logit_setup(ctx, inputs, output):
+        x, alpha, reverse, sldj, noise = inputs
+        ctx.save_for_backward(x, noise)
+        ctx.alpha, ctx.reverse = alpha, reverse
+        ctx.sldj_dtype = None if sldj is None else sldj.dtype
+
+    def _logit_backward(ctx, grad_y, grad_sldj):
+        x, noise = ctx.saved_tensors
+        if grad_y is None:
+            grad_y = torch.zeros_like(x)
+        gx = _ops.logit_bwd(grad_y, grad_sldj, x, ctx.alpha, ctx.reverse, noise)
+        # u = (255 x + noise) / 256: dL/dnoise = dL/du / 256 = dL/dx / 255
+        g_noise = gx / 255 if noise is not None and ctx.needs_input_grad[4] else None
+        g_sldj = None if ctx.sldj_dtype is None or grad_sldj is None else grad_sldj.to(ctx.sldj_dtype)
+        return gx, None, None, g_sldj, g_noise
+
+    torch.library.register_autograd("flowgmm_native::logit_fwd", _logit_backward, setup_context=_logit_setup)
+
+    # ----------------------------------------------------------------------------------------------------- gmm
+    @torch.library.register_fake("flowgmm_native::gmm_fwd")
+    def _(z, means, log_std, weight_logits, labels, label_weight):
+        cdt = _ldj_dtype(z.dtype, means.dtype, log_std.dtype)
+        return _empty((z.shape[0],), z, cdt), _empty((z.shape[0], means.shape[0]), z, cdt)
+
+    @torch.library.register_fake("flowgmm_native::gmm_bwd")
+    def _(grad_nll, grad_logits, z, means, log_std, weight_logits, labels, label_weight, logits):
+        cdt = _ldj_dtype(z.dtype, means.dtype, log_std.dtype)
+        gw = (_empty((means.shape[0],), z, weight_logits.dtype) if weight_logits is not None
+              else _empty((0,), z, cdt))
+        return _empty(z.shape, z), _empty(means.shape, means), _empty(log_std.shape, log_std), gw
+
+    def _gmm_setup(ctx, inputs, output):
+        z, means, log_std, weight_logits, labels, label_weight = inputs
+        ctx.save_for_backward(z, means, log_std, weight_logits, labels, output[1])
+        ctx.label_weight = label_weight
+
+    def _gmm_backward(ctx, grad_nll, grad_logits):
+        z, means, log_std, weight_logits, labels, logits = ctx.saved_tensors
+        gz, gm, gls, gw = _ops.gmm_bwd(grad_nll, grad_logits, z, means, log_std, weight_logits, labels,
+                                       ctx.label_weight, logits)
+        return gz, gm, gls, (gw if weight_logits is not None else None), None, None
+
+    torch.library.register_autograd("flowgmm_native::gmm_fwd", _gmm_backward, setup_context=_gmm_setup)
+
+
+# ------------------------------------------------------------------------------------- normalised signatures
+
+
+def affine_coupling(x, s, t, scale, mask, checker_parity, reverse, sldj):
+    """(y (B, C, *S) like x, sldj_out (B,)): one fused pass; see reference.affine_coupling for the semantics."""
+    _check_device(x)
+    return _ops.coupling_fwd(x, s, t, scale, mask, checker_parity, reverse, sldj)
+
+
+def squeeze2x2(x, reverse, alt_order):
+    """(B, C, H, W) -> (B, 4C, H/2, W/2) (reverse: the inverse); see reference.squeeze2x2."""
+    _check_device(x)
+    return _ops.squeeze2x2(x, reverse, alt_order)
+
+
+def logit_transform(x, alpha, reverse, sldj, noise):
+    """(y like x, sldj_out (B,)): dequantise + logit + log-det in one pass; see reference.logit_transform."""
+    _check_device(x)
+    return _ops.logit_fwd(x, alpha, reverse, sldj, noise)
+
+
+def gmm_log_prob(z, means, log_std, weight_logits):
+    """Class logits (B, K) = log N(z; mu_k, Sigma_k) + log pi_k; see reference.gmm_log_prob."""
+    _check_device(z)
+    return _ops.gmm_fwd(z, means, log_std, weight_logits, None, 1.0)[1]
+
+
+def gmm_nll(z, means, log_std, weight_logits, labels, label_weight, return_logits=False):
+    """Per-sample nll (B,) (and the (B, K) logits of the same pass); see reference.gmm_nll."""
+    _check_device(z)
+    nll, logits = _ops.gmm_fwd(z, means, log_std, weight_logits, labels, label_weight)
+    return (nll, logits) if return_logits else nll
