@@ -2,7 +2,8 @@
 
 - :class:`Trainer` -- the loop: steps, clipping, bf16 autocast, logging, evaluation, non-finite guard,
   checkpoints, exact resume, Ctrl-C -> checkpoint (:mod:`.trainer`).
-- :func:`semisup_loss` -- the FlowGMM(-cons) objective as named parts (:mod:`.losses`).
+- :func:`semisup_loss` (general FlowGMM) and :func:`flowgmm_cons_loss` (the image FlowGMM-cons objective) as
+  named loss parts (:mod:`.losses`).
 - :func:`save_checkpoint` / :func:`load_checkpoint` / :func:`atomic_save`, RNG capture/restore,
   :func:`seed_everything` (:mod:`.checkpoint`).
 - :class:`TrainLogger` -- rank-0 TensorBoard + tqdm + one-line summaries (:mod:`.logger`).
@@ -30,11 +31,11 @@ from .distributed import (DistInfo, GlobalBatchNorm, all_gather_object, all_redu
                           is_distributed, is_main_process, rank_slice, unwrap_model, wrap_model)
 from .guards import NonFiniteGuard, NonFiniteLossError
 from .logger import TrainLogger, format_summary
-from .losses import semisup_loss
+from .losses import flowgmm_cons_loss, semisup_loss
 from .optim import linear_rampup, make_lr_scheduler, weight_decay_param_groups
 from .trainer import Trainer
 
-__all__ = ["Trainer", "semisup_loss", "save_checkpoint", "load_checkpoint", "atomic_save", "capture_rng_state",
+__all__ = ["Trainer", "semisup_loss", "flowgmm_cons_loss", "save_checkpoint", "load_checkpoint", "atomic_save", "capture_rng_state",
            "restore_rng_state", "seed_everything", "CheckpointError", "TrainLogger", "format_summary",
            "NonFiniteGuard", "NonFiniteLossError", "weight_decay_param_groups", "linear_rampup", "make_lr_scheduler",
            "DistInfo", "init_distributed", "cleanup_distributed", "is_distributed", "get_rank", "get_world_size",

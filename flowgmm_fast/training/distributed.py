@@ -164,11 +164,12 @@ class GlobalBatchNorm(_BatchNorm):
 
         dims = [0] + list(range(2, x.dim()))
         shape = [1, -1] + [1] * (x.dim() - 2)
-        local_n = x.new_full((1,), x.numel() // max(x.shape[1], 1), dtype=torch.float32)
-        sums = all_reduce(torch.cat([x.float().sum(dims), local_n]))
+        xf = x if x.dtype == torch.float64 else x.float()  # statistics in at least float32
+        local_n = xf.new_full((1,), x.numel() // max(x.shape[1], 1))
+        sums = all_reduce(torch.cat([xf.sum(dims), local_n]))
         n = sums[-1]
         mean = sums[:-1] / n
-        centered = x.float() - mean.view(shape)
+        centered = xf - mean.view(shape)
         var = all_reduce(centered.pow(2).sum(dims)) / n
         y = centered * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:

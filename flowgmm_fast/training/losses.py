@@ -1,21 +1,30 @@
-"""The semi-supervised FlowGMM objective, split into named parts (for logging and the non-finite guard).
+"""The semi-supervised FlowGMM objectives, split into named parts (for logging and the non-finite guard).
 
-With ``out = model(x, labels)`` (labels: -1 = unlabeled) and per-sample NLLs in nats:
+:func:`semisup_loss` -- the general FlowGMM objective (tabular / text scripts). With ``out = model(x, labels)`` (labels: -1 = unlabeled) and per-sample NLLs in nats:
     nll_unlabeled = mean over unlabeled rows of -(logsumexp_k [log N(f(x); mu_k) + log pi_k] + log|det J|)
     nll_labeled   = mean over labeled rows   of -(log N(f(x); mu_y) + log|det J|)
     consistency   = mean over the chosen rows of -(log N(f(x1); mu_y2) + log|det J|), y2 = argmax_k logits(x2)
     loss = unlabeled_weight * nll_unlabeled + label_weight * nll_labeled + consistency_weight * consistency
-The row means use masks (no boolean indexing), so nothing here syncs with the host.
+
+:func:`flowgmm_cons_loss` -- the image objective of the original ``train_semisup_cons.py`` (FlowGMM-cons):
+    ce_labeled  = cross-entropy of the class logits on the labeled rows
+    nll         = mean over ALL rows of -(logsumexp_k [log N(f(x1); mu_k) + log pi_k] + log|det J|)
+    consistency = mean over ALL rows of -(log N(f(x1); mu_y2) + log|det J|), y2 = argmax_k logits(x2) (no grad)
+    loss = label_weight * ce_labeled + nll + consistency_weight * consistency     (nll dropped when supervised only)
+
+Row means use masks (no boolean indexing), so nothing here syncs with the host. NLLs are in nats per example,
+without the dequantisation constant D ln 256 (bits/dim = (nll + D ln 256) / (D ln 2)).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .distributed import unwrap_model
 
-__all__ = ["semisup_loss"]
+__all__ = ["semisup_loss", "flowgmm_cons_loss"]
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -52,6 +61,40 @@ def semisup_loss(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, *, lab
     else:
         parts["consistency"] = nll.new_zeros(())
     loss = unlabeled_weight * parts["nll_unlabeled"] + label_weight * parts["nll_labeled"]
+    if consistency_weight:
+        loss = loss + consistency_weight * parts["consistency"]
+    parts["loss"] = loss
+    return loss, parts, out
+
+
+def flowgmm_cons_loss(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, x2: torch.Tensor | None = None, *,
+                      label_weight: float = 1.0, consistency_weight: float = 0.0, use_unlabeled: bool = True):
+    """The FlowGMM-cons image loss (module docstring); returns ``(loss, parts, out)``.
+
+    model: a FlowGMM (possibly DDP/compile-wrapped); x: (B, C, H, W) first augmentation; labels: (B,) long, -1 for
+    unlabeled; x2: (B, C, H, W) second augmentation of the same rows (None: no consistency term, the part is 0).
+    parts: {"ce_labeled", "nll", "consistency", "loss", "acc_labeled"} scalar tensors (same names every step).
+    """
+    if labels.dim() != 1 or labels.shape[0] != x.shape[0]:
+        raise ValueError(f"labels must have shape ({x.shape[0]},), got {tuple(labels.shape)}")
+    if x2 is not None and x2.shape != x.shape:
+        raise ValueError(f"x2 must have the shape of x {tuple(x.shape)}, got {tuple(x2.shape)}")
+    out = model(x)
+    logits = out.logits.float()
+    labeled = labels >= 0
+    ce = F.cross_entropy(logits, labels.clamp_min(0), reduction="none")
+    parts = {"ce_labeled": _masked_mean(ce, labeled), "nll": out.nll.float().mean()}
+    parts["acc_labeled"] = _masked_mean((logits.argmax(1) == labels).float(), labeled)
+    if x2 is not None:
+        inner = unwrap_model(model)
+        with torch.no_grad():
+            target = inner.class_logits(x2).argmax(dim=1)
+        parts["consistency"] = (inner.prior.nll(out.z, target).float() - out.sldj.float()).mean()
+    else:
+        parts["consistency"] = logits.new_zeros(())
+    loss = label_weight * parts["ce_labeled"]
+    if use_unlabeled:
+        loss = loss + parts["nll"]
     if consistency_weight:
         loss = loss + consistency_weight * parts["consistency"]
     parts["loss"] = loss
