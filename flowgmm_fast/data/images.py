@@ -1,0 +1,484 @@
+"""Image data for semi-supervised FlowGMM: readers, balanced label splits, the two-stream loader, dequantisation.
+
+Images are kept as uint8 tensors ``(N, C, H, W)`` with int64 labels ``(N,)``; the whole training set lives on the
+training device (MNIST 47 MB, CIFAR-10 150 MB) and batches are cropped, flipped and dequantised there.
+
+Readers (no download here; ``experiments/prepare_data.py`` downloads with torchvision where there is internet):
+- :func:`load_image_dataset` reads a prepared folder (``<data_path>/train.npz``, ``test.npz``: ``images``,
+  ``labels``) or torchvision's on-disk formats: MNIST IDX files (``raw/`` or ``MNIST/raw/``, optionally .gz),
+  CIFAR-10 ``cifar-10-batches-py`` pickles, SVHN ``train_32x32.mat`` / ``test_32x32.mat``.
+
+Label splits, in the original repository's layout ``data/labels/<dataset>/<N>_balanced_labels/<seed>.<ext>``:
+- MNIST and SVHN ``.npz`` with ``labeled_indices`` and ``unlabeled_indices`` as the original reads them (plus
+  ``labels``, ``dataset``, ``seed`` for validation);
+- CIFAR-10 ``.txt``, one ``<index>_<class>.png <class>`` line per labeled image (the mean-teacher naming; the index
+  is the row of the training set).
+:func:`balanced_split` draws N/K indices per class from ``numpy.random.RandomState(seed)``;
+:func:`load_label_split` rejects indices out of range, duplicates, unknown classes and classes that disagree with
+the dataset (a split made for another dataset).
+
+:class:`SemiSupervisedLoader`: each batch is half labeled, half unlabeled; an epoch is one pass over the labeled
+data (labeled rows first, as the original); two augmentations of every row (RandomCrop with 4-pixel zero padding, + horizontal flip for CIFAR-10 / SVHN); every random
+choice of step s comes from generators seeded by (seed, s) or (seed, epoch), so the batches are a pure function of
+the step (exact resume) and each rank of a DDP run takes its slice of the same global batch.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import re
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["DATASETS", "ImageData", "load_image_dataset", "balanced_split", "label_split_path", "save_label_split",
+           "load_label_split", "LabelSplitError", "dequantize", "augment", "SemiSupervisedLoader", "eval_batches"]
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+DIGITS = tuple(str(i) for i in range(10))
+
+
+@dataclass(frozen=True)
+class _Spec:
+    name: str          # canonical lower-case name (label folder)
+    shape: tuple       # (C, H, W)
+    classes: tuple     # class names, index = label
+    split_ext: str     # label split file extension
+    flip: bool         # horizontal flip in the augmentation
+
+
+DATASETS = {
+    "mnist": _Spec("mnist", (1, 28, 28), DIGITS, ".npz", False),
+    "cifar10": _Spec("cifar10", (3, 32, 32), CIFAR10_CLASSES, ".txt", True),
+    "svhn": _Spec("svhn", (3, 32, 32), DIGITS, ".npz", True),
+}
+
+
+def _spec(dataset: str) -> _Spec:
+    key = str(dataset).lower().replace("-", "")
+    if key not in DATASETS:
+        raise ValueError(f"dataset must be one of MNIST, CIFAR10, SVHN, got {dataset!r}")
+    return DATASETS[key]
+
+
+@dataclass
+class ImageData:
+    """One split of a dataset: ``images`` (N, C, H, W) uint8, ``labels`` (N,) int64, and the dataset name."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    dataset: str
+
+    def __post_init__(self):
+        spec = _spec(self.dataset)
+        if self.images.dtype != torch.uint8 or tuple(self.images.shape[1:]) != spec.shape:
+            raise ValueError(f"{spec.name} images must be uint8 of shape (N, {', '.join(map(str, spec.shape))}), got "
+                             f"{self.images.dtype} {tuple(self.images.shape)}")
+        if self.labels.shape != (self.images.shape[0],):
+            raise ValueError(f"labels must have shape ({self.images.shape[0]},), got {tuple(self.labels.shape)}")
+        if len(self.labels) and (int(self.labels.min()) < 0 or int(self.labels.max()) >= len(spec.classes)):
+            raise ValueError(f"{spec.name} labels must be in [0, {len(spec.classes)}), got range "
+                             f"[{int(self.labels.min())}, {int(self.labels.max())}]")
+        self.labels = self.labels.long()
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def num_classes(self) -> int:
+        return len(_spec(self.dataset).classes)
+
+
+# ------------------------------------------------------------------------------------------------- readers
+def _open_maybe_gz(path: Path):
+    if path.exists():
+        return open(path, "rb")
+    gz = path.with_name(path.name + ".gz")
+    if gz.exists():
+        return gzip.open(gz, "rb")
+    return None
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    f = _open_maybe_gz(path)
+    if f is None:
+        raise FileNotFoundError(f"MNIST file {path} (or {path}.gz) not found")
+    with f:
+        data = f.read()
+    magic = int.from_bytes(data[:4], "big")
+    if magic >> 8 != 0x08:  # 0x08: unsigned byte
+        raise ValueError(f"{path} is not an unsigned-byte IDX file (magic {magic:#x})")
+    ndim = magic & 0xFF
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).copy()
+    if arr.size != int(np.prod(dims)):
+        raise ValueError(f"{path}: header says shape {dims} but holds {arr.size} bytes of data")
+    return arr.reshape(dims)
+
+
+def _mnist_dir(root: Path) -> Path | None:
+    for d in (root, root / "raw", root / "MNIST" / "raw"):
+        if _open_maybe_gz(d / "train-images-idx3-ubyte") is not None:
+            return d
+    return None
+
+
+def _read_mnist(root: Path, train: bool):
+    d = _mnist_dir(root)
+    prefix = "train" if train else "t10k"
+    images = _read_idx(d / f"{prefix}-images-idx3-ubyte")
+    labels = _read_idx(d / f"{prefix}-labels-idx1-ubyte")
+    return images[:, None], labels
+
+
+def _cifar_dir(root: Path) -> Path | None:
+    for d in (root / "cifar-10-batches-py", root):
+        if (d / "data_batch_1").exists():
+            return d
+    return None
+
+
+def _read_cifar10(root: Path, train: bool):
+    d = _cifar_dir(root)
+    names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+    images, labels = [], []
+    for name in names:
+        with open(d / name, "rb") as f:
+            entry = pickle.load(f, encoding="latin1")
+        images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.append(np.asarray(entry["labels"] if "labels" in entry else entry["fine_labels"]))
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def _read_svhn(root: Path, train: bool):
+    import scipy.io
+
+    path = root / ("train_32x32.mat" if train else "test_32x32.mat")
+    mat = scipy.io.loadmat(path)
+    images = np.transpose(mat["X"], (3, 2, 0, 1))  # (H, W, C, N) -> (N, C, H, W), as torchvision
+    labels = mat["y"].astype(np.int64).squeeze(1)
+    labels[labels == 10] = 0  # SVHN stores digit 0 as class 10
+    return np.ascontiguousarray(images), labels
+
+
+def load_image_dataset(dataset: str, data_path: str | Path, train: bool = True) -> ImageData:
+    """The train (or test) split of ``dataset`` ("MNIST", "CIFAR10", "SVHN") from ``data_path``.
+
+    ``data_path`` is a prepared folder (``train.npz`` / ``test.npz``) or a folder in torchvision's on-disk format
+    (see the module docstring). Raises FileNotFoundError naming what was looked for.
+    """
+    spec = _spec(dataset)
+    root = Path(data_path)
+    split = "train" if train else "test"
+    prepared = root / f"{split}.npz"
+    if prepared.exists():
+        with np.load(prepared, allow_pickle=False) as z:
+            if "dataset" in z and str(z["dataset"]) != spec.name:
+                raise ValueError(f"{prepared} holds {str(z['dataset'])!r} data, not {spec.name!r}")
+            images, labels = z["images"], z["labels"]
+    elif spec.name == "mnist" and _mnist_dir(root) is not None:
+        images, labels = _read_mnist(root, train)
+    elif spec.name == "cifar10" and _cifar_dir(root) is not None:
+        images, labels = _read_cifar10(root, train)
+    elif spec.name == "svhn" and (root / f"{split}_32x32.mat").exists():
+        images, labels = _read_svhn(root, train)
+    else:
+        expected = {"mnist": "raw/train-images-idx3-ubyte[.gz] (torchvision MNIST/raw)",
+                    "cifar10": "cifar-10-batches-py/data_batch_1..5, test_batch",
+                    "svhn": "train_32x32.mat, test_32x32.mat"}[spec.name]
+        raise FileNotFoundError(f"no {spec.name} data under {str(root)!r}: expected {split}.npz (written by "
+                                f"experiments/prepare_data.py) or {expected}")
+    return ImageData(torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8)),
+                     torch.from_numpy(np.asarray(labels, dtype=np.int64)), spec.name)
+
+
+# ------------------------------------------------------------------------------------------------- label splits
+class LabelSplitError(ValueError):
+    """A label split file is malformed or does not belong to the dataset it is used with."""
+
+
+def balanced_split(labels, num_labels: int, seed: int, num_classes: int | None = None) -> np.ndarray:
+    """Sorted indices of ``num_labels`` labeled examples, ``num_labels / K`` from each of the K classes, drawn
+    without replacement by ``numpy.random.RandomState(seed)`` (the same seed gives the same split)."""
+    labels = np.asarray(labels)
+    k = int(labels.max()) + 1 if num_classes is None else num_classes
+    if num_labels < k or num_labels % k:
+        raise ValueError(f"num_labels must be a positive multiple of the number of classes ({k}), got {num_labels}")
+    per_class = num_labels // k
+    rng = np.random.RandomState(seed)
+    chosen = []
+    for c in range(k):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) < per_class:
+            raise ValueError(f"class {c} has only {len(idx)} examples, fewer than {per_class} per class")
+        chosen.append(rng.choice(idx, per_class, replace=False))
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def label_split_path(root: str | Path, dataset: str, num_labels: int, seed: int) -> Path:
+    """``<root>/<dataset>/<num_labels>_balanced_labels/<seed>.<npz|txt>`` (the original layout)."""
+    spec = _spec(dataset)
+    return Path(root) / spec.name / f"{num_labels}_balanced_labels" / f"{seed}{spec.split_ext}"
+
+
+def save_label_split(path: str | Path, dataset: str, indices, labels, seed: int | None = None,
+                     num_train: int | None = None) -> Path:
+    """Write labeled ``indices`` of ``dataset`` (with ``labels``, the dataset's labels at those indices) in the
+    format chosen by the file extension (.npz, which also lists the other ``num_train`` rows as
+    ``unlabeled_indices``, or .txt)."""
+    spec = _spec(dataset)
+    path = Path(path)
+    indices, labels = np.asarray(indices, dtype=np.int64), np.asarray(labels, dtype=np.int64)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".npz":
+        if num_train is None:
+            raise ValueError("num_train (the training-set size) is needed to write unlabeled_indices")
+        unlabeled = np.setdiff1d(np.arange(num_train), indices)
+        np.savez(path, labeled_indices=indices, unlabeled_indices=unlabeled, labels=labels,
+                 dataset=np.array(spec.name), seed=np.array(-1 if seed is None else seed))
+    elif path.suffix == ".txt":
+        lines = [f"{i}_{spec.classes[y]}.png {spec.classes[y]}" for i, y in zip(indices, labels)]
+        path.write_text("\n".join(lines) + "\n")
+    else:
+        raise ValueError(f"label split files end in .npz or .txt, got {str(path)!r}")
+    return path
+
+
+_TXT_LINE = re.compile(r"^(\d+)(?:_[^\s]*)?\s+(\S+)$")
+
+
+def load_label_split(path: str | Path, data: ImageData) -> np.ndarray:
+    """Labeled indices from a split file, validated against ``data`` (the training split it indexes).
+
+    Raises :class:`LabelSplitError` naming the file and the problem: unreadable, no ``labeled_indices``, a split
+    for another dataset, an index out of range, duplicates, an unknown class name or a class that disagrees with
+    the dataset's label at that index.
+    """
+    path = Path(path)
+    spec = _spec(data.dataset)
+    n = len(data)
+    if not path.is_file():
+        raise LabelSplitError(f"label split file {str(path)!r} does not exist")
+    claimed = unlabeled = None
+    if path.suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if "labeled_indices" not in z:
+                    raise LabelSplitError(f"label split {str(path)!r} has no 'labeled_indices' array "
+                                          f"(it holds {sorted(z.files)})")
+                indices = np.asarray(z["labeled_indices"])
+                if "dataset" in z and str(z["dataset"]) != spec.name:
+                    raise LabelSplitError(f"label split {str(path)!r} was made for {str(z['dataset'])!r}, "
+                                          f"not {spec.name!r}")
+                claimed = np.asarray(z["labels"]) if "labels" in z else None
+                unlabeled = np.asarray(z["unlabeled_indices"]) if "unlabeled_indices" in z else None
+        except LabelSplitError:
+            raise
+        except Exception as exc:
+            raise LabelSplitError(f"label split {str(path)!r} cannot be read as .npz ({exc})") from exc
+        if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer):
+            raise LabelSplitError(f"label split {str(path)!r}: labeled_indices must be a 1-d integer array, got "
+                                  f"{indices.dtype} of shape {indices.shape}")
+    elif path.suffix == ".txt":
+        idx, names = [], []
+        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            m = _TXT_LINE.match(line.strip())
+            if m is None:
+                raise LabelSplitError(f"label split {str(path)!r} line {lineno}: expected '<index>_<class>.png "
+                                      f"<class>', got {line.strip()!r}")
+            if m.group(2) not in spec.classes:
+                raise LabelSplitError(f"label split {str(path)!r} line {lineno}: class {m.group(2)!r} is not a "
+                                      f"{spec.name} class {spec.classes} (a split for another dataset?)")
+            idx.append(int(m.group(1)))
+            names.append(spec.classes.index(m.group(2)))
+        indices, claimed = np.asarray(idx, dtype=np.int64), np.asarray(names, dtype=np.int64)
+    else:
+        raise LabelSplitError(f"label split file must end in .npz or .txt, got {str(path)!r}")
+    if indices.size == 0:
+        raise LabelSplitError(f"label split {str(path)!r} is empty")
+    if indices.min() < 0 or indices.max() >= n:
+        raise LabelSplitError(f"label split {str(path)!r}: indices must be in [0, {n}) for the {spec.name} training "
+                              f"set, got range [{indices.min()}, {indices.max()}] (a split for another dataset?)")
+    if len(np.unique(indices)) != len(indices):
+        raise LabelSplitError(f"label split {str(path)!r} lists {len(indices) - len(np.unique(indices))} "
+                              f"duplicate index(es)")
+    if path.suffix == ".npz" and unlabeled is not None and np.intersect1d(indices, unlabeled).size:
+        raise LabelSplitError(f"label split {str(path)!r}: {np.intersect1d(indices, unlabeled).size} index(es) are "
+                              f"listed as both labeled and unlabeled")
+    if claimed is not None:
+        actual = data.labels.numpy()[indices]
+        bad = np.flatnonzero(actual != claimed)
+        if bad.size:
+            i = indices[bad[0]]
+            raise LabelSplitError(f"label split {str(path)!r} disagrees with the {spec.name} labels at {bad.size} "
+                                  f"index(es), e.g. index {i}: file says {claimed[bad[0]]}, dataset says "
+                                  f"{actual[bad[0]]} (a split for another dataset or ordering?)")
+    return indices.astype(np.int64)
+
+
+# ------------------------------------------------------------------------------------------------- augmentation
+def dequantize(images: torch.Tensor, generator: torch.Generator | None = None, noise: bool = True) -> torch.Tensor:
+    """x' = (x_uint8 + u) / 256 with u ~ U(0, 1) (u = 0.5 when ``noise=False``): 8-bit images (B, C, H, W) ->
+    float32 in (0, 1). Equals (255 x + u) / 256 for x = x_uint8 / 255; bits/dim of these inputs are comparable with
+    the literature."""
+    x = images.float()
+    u = torch.rand(x.shape, generator=generator, device=x.device) if noise else torch.full_like(x, 0.5)
+    return (x + u) / 256.0
+
+
+def augment(images: torch.Tensor, generator: torch.Generator | None, padding: int = 4,
+            flip: bool = False) -> torch.Tensor:
+    """Random crop of each image after zero-padding by ``padding`` (+ horizontal flip with probability 1/2 when
+    ``flip``), batched in one gather: (B, C, H, W) -> (B, C, H, W), any dtype."""
+    b, _, h, w = images.shape
+    dev = images.device
+    oy = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=dev)
+    ox = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=dev)
+    padded = F.pad(images, (padding,) * 4) if padding else images
+    rows = (oy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
+    cols = ox[:, None] + torch.arange(w, device=dev)
+    if flip:
+        flipped = torch.rand(b, generator=generator, device=dev) < 0.5
+        cols = torch.where(flipped[:, None], cols.flip(1), cols)
+    cols = cols[:, None, None, :]
+    bidx = torch.arange(b, device=dev)[:, None, None, None]
+    cidx = torch.arange(images.shape[1], device=dev)[None, :, None, None]
+    return padded[bidx, cidx, rows, cols]
+
+
+# ------------------------------------------------------------------------------------------------- the loader
+def _seed(*parts: int) -> int:
+    """A 63-bit seed mixing integers (SplitMix64-style), so (seed, step) streams don't overlap."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = (h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+class SemiSupervisedLoader:
+    """Two-stream batches for FlowGMM(-cons): ``(x, labels, x2)`` per step, on ``device``.
+
+    data: the training split; labeled_idx: the labeled indices (the rest is the unlabeled pool).
+    batch_size: the GLOBAL batch: half labeled, half unlabeled (all labeled with ``supervised_only``); each of
+    ``world_size`` ranks gets its 1/world_size slice of each half. x: (b, C, H, W) float32 dequantised first augmentation
+    of the rank's rows (labeled first, then unlabeled); labels: (b,) int64, -1 for the unlabeled rows; x2: a second,
+    independent augmentation of the same rows (the consistency target of FlowGMM-cons).
+    steps_per_epoch = len(labeled) // (labeled rows per global batch): one pass over the labeled data.
+    num_workers > 0 prepares that many upcoming batches in background threads (same batches, same order).
+    """
+
+    def __init__(self, data: ImageData, labeled_idx, batch_size: int, *, seed: int = 0, device="cpu",
+                 rank: int = 0, world_size: int = 1, supervised_only: bool = False, augment_data: bool = True,
+                 num_workers: int = 0):
+        spec = _spec(data.dataset)
+        labeled_idx = torch.as_tensor(np.asarray(labeled_idx), dtype=torch.long)
+        if batch_size < 2 or batch_size % (2 * world_size):
+            raise ValueError(f"batch_size must be a positive multiple of 2 x world size ({2 * world_size}), "
+                             f"got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        n = len(data)
+        is_labeled = torch.zeros(n, dtype=torch.bool)
+        is_labeled[labeled_idx] = True
+        self.device = torch.device(device)
+        self.images = data.images.to(self.device)
+        self.labels = data.labels.to(self.device)
+        self.labeled_idx = labeled_idx.to(self.device)
+        self.unlabeled_idx = torch.nonzero(~is_labeled).squeeze(1).to(self.device)
+        self.supervised_only = supervised_only
+        self.n_lab_rows = batch_size if supervised_only else batch_size // 2
+        self.n_unl_rows = 0 if supervised_only else batch_size // 2
+        if len(self.labeled_idx) < self.n_lab_rows:
+            raise ValueError(f"{len(self.labeled_idx)} labeled examples cannot fill {self.n_lab_rows} labeled rows "
+                             f"per batch; lower batch_size")
+        if self.n_unl_rows and len(self.unlabeled_idx) == 0:
+            raise ValueError("every training example is labeled: there is no unlabeled data (use supervised_only)")
+        self.steps_per_epoch = len(self.labeled_idx) // self.n_lab_rows
+        self.seed, self.rank, self.world_size = int(seed), rank, world_size
+        self.flip = spec.flip
+        self.augment_data = augment_data
+        self.num_workers = num_workers
+
+    def _perm(self, n: int, *key: int) -> torch.Tensor:
+        g = torch.Generator(device=self.device).manual_seed(_seed(self.seed, *key))
+        return torch.randperm(n, generator=g, device=self.device)
+
+    def _stream(self, pool: torch.Tensor, start: int, count: int, tag: int) -> torch.Tensor:
+        """Entries [start, start+count) of the endless stream of per-pass permutations of ``pool``."""
+        n = len(pool)
+        out, pos = [], start
+        while pos < start + count:
+            p, off = divmod(pos, n)
+            take = min(n - off, start + count - pos)
+            out.append(pool[self._perm(n, tag, p)[off: off + take]])
+            pos += take
+        return torch.cat(out)
+
+    def batch(self, step: int):
+        """The batch of (1-based) optimizer step ``step``: a pure function of (seed, step, rank, world_size)."""
+        if step < 1:
+            raise ValueError(f"step counts from 1, got {step}")
+        s = step - 1
+        epoch, pos = divmod(s, self.steps_per_epoch)
+        lab = self.labeled_idx[self._perm(len(self.labeled_idx), 0, epoch)[pos * self.n_lab_rows:
+                                                                            (pos + 1) * self.n_lab_rows]]
+        idx = lab
+        if self.n_unl_rows:
+            unl = self._stream(self.unlabeled_idx, s * self.n_unl_rows, self.n_unl_rows, 1)
+            idx = torch.cat([lab, unl])
+        g = torch.Generator(device=self.device).manual_seed(_seed(self.seed, 2, step))
+        imgs = self.images[idx]
+        x = dequantize(augment(imgs, g, flip=self.flip) if self.augment_data else imgs, g)
+        labels = self.labels[idx].clone()
+        labels[self.n_lab_rows:] = -1
+        x2 = dequantize(augment(imgs, g, flip=self.flip) if self.augment_data else imgs, g)
+        if self.world_size == 1:
+            return x, labels, x2
+        # this rank's slice of each half (so every rank's batch is half labeled, half unlabeled too)
+        lab_rows, unl_rows, r = self.n_lab_rows // self.world_size, self.n_unl_rows // self.world_size, self.rank
+        rows = torch.cat([torch.arange(r * lab_rows, (r + 1) * lab_rows),
+                          torch.arange(self.n_lab_rows + r * unl_rows, self.n_lab_rows + (r + 1) * unl_rows)])
+        rows = rows.to(self.device)
+        return x[rows], labels[rows], x2[rows]
+
+    def batches_from(self, start_step: int) -> Iterator:
+        """Batches of steps start_step+1, start_step+2, ... (endless; the :class:`Trainer` batch source)."""
+        step = start_step
+        if self.num_workers == 0:
+            while True:
+                step += 1
+                yield self.batch(step)
+        with ThreadPoolExecutor(self.num_workers) as pool:  # batch() shares no mutable state: thread-safe
+            pending = [pool.submit(self.batch, step + i + 1) for i in range(self.num_workers)]
+            step += self.num_workers
+            while True:
+                future = pending.pop(0)
+                step += 1
+                pending.append(pool.submit(self.batch, step))
+                yield future.result()
+
+
+def eval_batches(data: ImageData, batch_size: int, *, device="cpu", seed: int = 0, rank: int = 0,
+                 world_size: int = 1) -> Iterator:
+    """Dequantised ``(x, labels)`` batches of ``data`` (no augmentation) for evaluation; the noise is drawn from a
+    generator seeded by ``seed`` per batch, so bits/dim are reproducible. Rank r of ``world_size`` gets batches
+    r, r + world_size, ... (reduce the sums over ranks)."""
+    device = torch.device(device)
+    g = torch.Generator(device=device)
+    for i, start in enumerate(range(0, len(data), batch_size)):
+        if i % world_size != rank:
+            continue
+        g.manual_seed(_seed(seed, 3, i))
+        imgs = data.images[start:start + batch_size].to(device, non_blocking=True)
+        yield dequantize(imgs, g), data.labels[start:start + batch_size].to(device, non_blocking=True)
