@@ -17,6 +17,7 @@ with IEEE fp32 products (no TF32: |z|^2 - 2 z.mu + |mu|^2 cancels).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -29,13 +30,15 @@ __all__ = ["gmm_forward", "gmm_backward", "MAX_COMPONENTS"]
 
 MAX_COMPONENTS = 128
 _LOG_2PI = math.log(2 * math.pi)
+_HALF_LOG_2PI = tl.constexpr(0.5 * _LOG_2PI)  # a constexpr global: Triton kernels may read no other globals
 
 
 @triton.jit
 def _gmm_fwd_kernel(z_ptr, mu_ptr, ls_ptr, wl_ptr, lab_ptr, logits_ptr, nll_ptr,
                     B, K, D, label_weight, log_k,
                     DIAG: tl.constexpr, HAS_WL: tl.constexpr, HAS_LABELS: tl.constexpr,
-                    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+                    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                    PRECISION: tl.constexpr):
     """logits[b, k] = log N(z_b; mu_k, diag(e^{2 log_std_k})) + log pi_k and nll[b] for BLOCK_B rows (module doc)."""
     pid = tl.program_id(0)
     lw = tl.cast(label_weight, tl.float32)
@@ -58,13 +61,13 @@ def _gmm_fwd_kernel(z_ptr, mu_ptr, ls_ptr, wl_ptr, lab_ptr, logits_ptr, nll_ptr,
         if DIAG:
             ls_t = tl.load(ls_ptr + kd, mask=kdm, other=0.0).to(tl.float32)
             iv_t = tl.exp(-2.0 * ls_t)
-            quad = tl.dot(z * z, iv_t, quad, input_precision="ieee")
-            cross = tl.dot(z, mu_t * iv_t, cross, input_precision="ieee")
+            quad = tl.dot(z * z, iv_t, quad, input_precision=PRECISION)
+            cross = tl.dot(z, mu_t * iv_t, cross, input_precision=PRECISION)
             mm += tl.sum(mu_t * mu_t * iv_t, axis=0)
             lsum += tl.sum(ls_t, axis=0)
         else:
             zz += tl.sum(z * z, axis=1)
-            cross = tl.dot(z, mu_t, cross, input_precision="ieee")
+            cross = tl.dot(z, mu_t, cross, input_precision=PRECISION)
             mm += tl.sum(mu_t * mu_t, axis=0)
     if DIAG:
         maha = quad - 2.0 * cross + mm[None, :]
@@ -73,7 +76,7 @@ def _gmm_fwd_kernel(z_ptr, mu_ptr, ls_ptr, wl_ptr, lab_ptr, logits_ptr, nll_ptr,
         ls = tl.load(ls_ptr + rk, mask=km, other=0.0).to(tl.float32)
         maha = (zz[:, None] - 2.0 * cross + mm[None, :]) * tl.exp(-2.0 * ls)[None, :]
         log_det = ls * D
-    log_n = -0.5 * maha - log_det[None, :] - (0.5 * _LOG_2PI) * D
+    log_n = -0.5 * maha - log_det[None, :] - _HALF_LOG_2PI * D
     if HAS_WL:
         wl = tl.load(wl_ptr + rk, mask=km, other=-float("inf")).to(tl.float32)
         wmax = tl.max(wl, axis=0)
@@ -97,7 +100,8 @@ def _gmm_fwd_kernel(z_ptr, mu_ptr, ls_ptr, wl_ptr, lab_ptr, logits_ptr, nll_ptr,
 def _gmm_bwd_z_kernel(z_ptr, mu_ptr, ls_ptr, lab_ptr, logits_ptr, gnll_ptr, glogits_ptr, g_ptr, gz_ptr,
                       B, K, D, label_weight,
                       DIAG: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_GLOGITS: tl.constexpr,
-                      BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+                      BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                    PRECISION: tl.constexpr):
     """G[b, k] = glogits - [label b = -1] gnll_b softmax(logits_b)_k - [k = label b] label_weight gnll_b (stored), and
     gz[b] = sum_k G[b, k] iv_k (mu_k - z_b) over BLOCK_D tiles (two dots for diagonal, one for isotropic)."""
     pid = tl.program_id(0)
@@ -137,7 +141,7 @@ def _gmm_bwd_z_kernel(z_ptr, mu_ptr, ls_ptr, lab_ptr, logits_ptr, gnll_ptr, glog
             kdm = km[:, None] & dm[None, :]
             mu = tl.load(mu_ptr + kd, mask=kdm, other=0.0).to(tl.float32)
             iv = tl.exp(-2.0 * tl.load(ls_ptr + kd, mask=kdm, other=0.0).to(tl.float32))
-            gz = tl.dot(g, mu * iv, input_precision="ieee") - z * tl.dot(g, iv, input_precision="ieee")
+            gz = tl.dot(g, mu * iv, input_precision=PRECISION) - z * tl.dot(g, iv, input_precision=PRECISION)
             tl.store(gz_ptr + zoff, gz.to(gz_ptr.dtype.element_ty), mask=zm)
     else:
         ls = tl.load(ls_ptr + rk, mask=km, other=0.0).to(tl.float32)
@@ -151,14 +155,14 @@ def _gmm_bwd_z_kernel(z_ptr, mu_ptr, ls_ptr, lab_ptr, logits_ptr, gnll_ptr, glog
             z = tl.load(z_ptr + zoff, mask=zm, other=0.0).to(tl.float32)
             mu = tl.load(mu_ptr + rk[:, None] * D + rd[None, :], mask=km[:, None] & dm[None, :],
                          other=0.0).to(tl.float32)
-            gz = tl.dot(giv, mu, input_precision="ieee") - z * rs[:, None]
+            gz = tl.dot(giv, mu, input_precision=PRECISION) - z * rs[:, None]
             tl.store(gz_ptr + zoff, gz.to(gz_ptr.dtype.element_ty), mask=zm)
 
 
 @triton.jit
 def _gmm_bwd_params_kernel(z_ptr, g_ptr, a_ptr, a2_ptr, B, K, D, rows_per_split,
                            DIAG: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
-                           BLOCK_D: tl.constexpr):
+                           BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """Partials over one row split of A = G^T z and (DIAG) A2 = G^T z^2 for BLOCK_D columns: a_ptr[split, k, d]."""
     pd = tl.program_id(0)
     split = tl.program_id(1)
@@ -174,9 +178,9 @@ def _gmm_bwd_params_kernel(z_ptr, g_ptr, a_ptr, a2_ptr, B, K, D, rows_per_split,
         bm = rb < B
         z = tl.load(z_ptr + rb[:, None] * D + rd[None, :], mask=bm[:, None] & dm[None, :], other=0.0).to(tl.float32)
         g_t = tl.load(g_ptr + rb[None, :] * K + rk[:, None], mask=bm[None, :] & km[:, None], other=0.0)
-        acc = tl.dot(g_t, z, acc, input_precision="ieee")
+        acc = tl.dot(g_t, z, acc, input_precision=PRECISION)
         if DIAG:
-            acc2 = tl.dot(g_t, z * z, acc2, input_precision="ieee")
+            acc2 = tl.dot(g_t, z * z, acc2, input_precision=PRECISION)
     out = split.to(tl.int64) * K * D + rk[:, None] * D + rd[None, :]
     om = km[:, None] & dm[None, :]
     tl.store(a_ptr + out, acc, mask=om)
@@ -184,13 +188,28 @@ def _gmm_bwd_params_kernel(z_ptr, g_ptr, a_ptr, a2_ptr, B, K, D, rows_per_split,
         tl.store(a2_ptr + out, acc2, mask=om)
 
 
-def _blocks(k: int, diag: bool):
+def _config(k: int, diag: bool, device: torch.device) -> dict:
+    """Block sizes, warps and dot precision. Chosen so no kernel spills registers on sm_90 (cuobjdump of the
+    compiled cubins; K = 100 diagonal spills a little in the forward): (B, K) tiles of <= 1024 fp32."""
     if k > MAX_COMPONENTS:
         raise ValueError(f"the triton GMM kernels support at most {MAX_COMPONENTS} components, got K = {k}")
     block_k = max(16, next_pow2(k))
-    block_b = 64 if block_k <= 32 else 32
-    block_d = 32 if diag or block_k > 32 else 64
-    return block_b, block_k, block_d
+    block_b = 64 if block_k == 16 else 32 if (block_k == 32 and not diag) else 16
+    return dict(BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_D=32, PRECISION=_dot_precision(device), num_warps=8)
+
+
+@functools.lru_cache(maxsize=None)
+def _tf32_capable(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= (8, 0)
+
+
+def _dot_precision(device: torch.device) -> str:
+    """"tf32x3" (three TF32 tensor-core products, about fp32 accuracy) on sm_80+, else IEEE fp32 FMA. Plain TF32 is
+    never used: |z|^2 - 2 z.mu + |mu|^2 cancels and needs fp32-accurate dot products."""
+    if device.type == "cuda" and _tf32_capable(device.index if device.index is not None else
+                                               torch.cuda.current_device()):
+        return "tf32x3"
+    return "ieee"
 
 
 def gmm_forward(z, means, log_std, weight_logits, labels, label_weight: float):
@@ -204,13 +223,12 @@ def gmm_forward(z, means, log_std, weight_logits, labels, label_weight: float):
     logits = torch.empty((b, k), dtype=torch.float32, device=z.device)
     if b == 0:
         return nll, logits
-    block_b, block_k, block_d = _blocks(k, diag)
-    _gmm_fwd_kernel[(triton.cdiv(b, block_b),)](
+    cfg = _config(k, diag, z.device)
+    _gmm_fwd_kernel[(triton.cdiv(b, cfg["BLOCK_B"]),)](
         z, means, log_std, weight_logits.contiguous() if weight_logits is not None else log_std,
         labels.contiguous() if labels is not None else nll, logits, nll,
         b, k, d, float(label_weight), math.log(k),
-        DIAG=diag, HAS_WL=weight_logits is not None, HAS_LABELS=labels is not None,
-        BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=4)
+        DIAG=diag, HAS_WL=weight_logits is not None, HAS_LABELS=labels is not None, **cfg)
     return nll, logits
 
 
@@ -223,21 +241,20 @@ def gmm_backward(grad_nll, grad_logits, z, means, log_std, weight_logits, labels
     b, d = z.shape
     k = means.shape[0]
     diag = log_std.dim() == 2
-    block_b, block_k, block_d = _blocks(k, diag)
+    cfg = _config(k, diag, z.device)
     gz = torch.empty_like(z)
     g = torch.empty((b, k), dtype=torch.float32, device=z.device)
     if b > 0:
-        _gmm_bwd_z_kernel[(triton.cdiv(b, block_b),)](
+        _gmm_bwd_z_kernel[(triton.cdiv(b, cfg["BLOCK_B"]),)](
             z, means, log_std, labels.contiguous() if labels is not None else g, logits.contiguous(),
             grad_nll.contiguous(), grad_logits.contiguous() if grad_logits is not None else g, g, gz,
             b, k, d, float(label_weight),
-            DIAG=diag, HAS_LABELS=labels is not None, HAS_GLOGITS=grad_logits is not None,
-            BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=4)
+            DIAG=diag, HAS_LABELS=labels is not None, HAS_GLOGITS=grad_logits is not None, **cfg)
     if not need_params:
         return gz, None, None, None
     means32, ls32 = means.float(), log_std.float()
     col = g.sum(0)
-    n_d = triton.cdiv(d, block_d)
+    block_b, n_d = cfg["BLOCK_B"], triton.cdiv(d, cfg["BLOCK_D"])
     row_blocks = triton.cdiv(b, block_b)
     splits = max(1, min(row_blocks, 256 // n_d))
     rows_per_split = max(1, triton.cdiv(row_blocks, splits)) * block_b
@@ -245,8 +262,7 @@ def gmm_backward(grad_nll, grad_logits, z, means, log_std, weight_logits, labels
     a = torch.zeros((splits, k, d), dtype=torch.float32, device=z.device)
     a2 = torch.zeros_like(a) if diag else a
     if b > 0:
-        _gmm_bwd_params_kernel[(n_d, splits)](z, g, a, a2, b, k, d, rows_per_split, DIAG=diag,
-                                              BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=4)
+        _gmm_bwd_params_kernel[(n_d, splits)](z, g, a, a2, b, k, d, rows_per_split, DIAG=diag, **cfg)
     a = a.sum(0)
     iv = torch.exp(-2 * ls32)
     if diag:
