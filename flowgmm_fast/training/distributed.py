@@ -144,6 +144,22 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable sum over ranks: the gradient of every rank's copy is the sum of the ranks' gradients."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        out = tensor.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 class GlobalBatchNorm(_BatchNorm):
     """Batch-norm with statistics over the batch of ALL ranks, on any device (torch's SyncBatchNorm is CUDA-only).
 
@@ -160,8 +176,7 @@ class GlobalBatchNorm(_BatchNorm):
         self._check_input_dim(x)
         if not (self.training and is_distributed() and dist.get_world_size() > 1):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
+        all_reduce = _AllReduceSum.apply
         dims = [0] + list(range(2, x.dim()))
         shape = [1, -1] + [1] * (x.dim() - 2)
         xf = x if x.dtype == torch.float64 else x.float()  # statistics in at least float32

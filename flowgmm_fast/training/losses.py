@@ -27,6 +27,11 @@ from .distributed import unwrap_model
 __all__ = ["semisup_loss", "flowgmm_cons_loss"]
 
 
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """At least float32 (float64 stays float64)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     mask = mask.to(values.dtype)
     return (values * mask).sum() / mask.sum().clamp_min(1)
@@ -46,7 +51,7 @@ def semisup_loss(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, *, lab
     if labels.dim() != 1 or labels.shape[0] != x.shape[0]:
         raise ValueError(f"labels must have shape ({x.shape[0]},), got {tuple(labels.shape)}")
     out = model(x, labels)
-    nll = out.nll.float()
+    nll = _f32(out.nll)
     labeled = labels >= 0
     parts = {"nll_unlabeled": _masked_mean(nll, ~labeled), "nll_labeled": _masked_mean(nll, labeled)}
     if x_consistency is not None:
@@ -57,7 +62,7 @@ def semisup_loss(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, *, lab
         if target.shape[0] != z.shape[0]:
             raise ValueError(f"x_consistency has {target.shape[0]} rows but consistency_rows selects {z.shape[0]}")
         prior = unwrap_model(model).prior
-        parts["consistency"] = (prior.nll(z, target).float() - sldj.float()).mean()
+        parts["consistency"] = (_f32(prior.nll(z, target)) - _f32(sldj)).mean()
     else:
         parts["consistency"] = nll.new_zeros(())
     loss = unlabeled_weight * parts["nll_unlabeled"] + label_weight * parts["nll_labeled"]
@@ -80,16 +85,16 @@ def flowgmm_cons_loss(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, x
     if x2 is not None and x2.shape != x.shape:
         raise ValueError(f"x2 must have the shape of x {tuple(x.shape)}, got {tuple(x2.shape)}")
     out = model(x)
-    logits = out.logits.float()
+    logits = _f32(out.logits)
     labeled = labels >= 0
     ce = F.cross_entropy(logits, labels.clamp_min(0), reduction="none")
-    parts = {"ce_labeled": _masked_mean(ce, labeled), "nll": out.nll.float().mean()}
-    parts["acc_labeled"] = _masked_mean((logits.argmax(1) == labels).float(), labeled)
+    parts = {"ce_labeled": _masked_mean(ce, labeled), "nll": _f32(out.nll).mean()}
+    parts["acc_labeled"] = _masked_mean((logits.argmax(1) == labels).to(logits.dtype), labeled)
     if x2 is not None:
         inner = unwrap_model(model)
         with torch.no_grad():
             target = inner.class_logits(x2).argmax(dim=1)
-        parts["consistency"] = (inner.prior.nll(out.z, target).float() - out.sldj.float()).mean()
+        parts["consistency"] = (_f32(inner.prior.nll(out.z, target)) - _f32(out.sldj)).mean()
     else:
         parts["consistency"] = logits.new_zeros(())
     loss = label_weight * parts["ce_labeled"]
