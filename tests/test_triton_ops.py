@@ -8,6 +8,8 @@ the kernels run on CPU tensors under the Triton interpreter (tests/conftest.py),
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -441,3 +443,65 @@ def test_compiled_training_step_on_cuda_matches_reference():
     torch.testing.assert_close(loss, loss_r, rtol=1e-5, atol=1e-4)
     for g, g_r in zip(grads, grads_r):
         torch.testing.assert_close(g, g_r, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ GPU code generation
+
+
+def _kernel_specs():
+    from flowgmm_fast.kernels import coupling, gmm, logit, squeeze
+
+    gmm_cfg = dict(DIAG=True, BLOCK_B=64, BLOCK_K=16, BLOCK_D=32, PRECISION="tf32x3")
+    return [
+        (coupling._coupling_fwd_kernel, dict(HAS_SCALE=True, MASK_MODE=2, REVERSE=False, HAS_SLDJ=True,
+                                             ONE_TILE=True, BLOCK_C=8, BLOCK_S=256)),
+        (coupling._coupling_bwd_kernel, dict(HAS_SCALE=True, MASK_MODE=1, REVERSE=True, BLOCK_C=8, BLOCK_S=256)),
+        (squeeze._squeeze2x2_kernel, dict(REVERSE=True, ALT_ORDER=True, BLOCK=1024)),
+        (logit._logit_fwd_kernel, dict(HAS_NOISE=True, REVERSE=False, HAS_SLDJ=True, ONE_TILE=False, BLOCK=1024)),
+        (logit._logit_bwd_kernel, dict(HAS_NOISE=False, REVERSE=True, BLOCK=1024)),
+        (gmm._gmm_fwd_kernel, dict(gmm_cfg, HAS_WL=True, HAS_LABELS=True)),
+        (gmm._gmm_bwd_z_kernel, dict(gmm_cfg, HAS_LABELS=True, HAS_GLOGITS=True)),
+        (gmm._gmm_bwd_params_kernel, dict(gmm_cfg)),
+    ]
+
+
+def compile_every_kernel_for_sm90() -> None:
+    """Compile each kernel to a cubin for sm_90 (no GPU needed): bf16 data pointers, fp32 scalars. Must run in a
+    process without TRITON_INTERPRET (the interpreter replaces the kernels by Python functions)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    for fn, constexprs in _kernel_specs():
+        signature = {}
+        for param in fn.params:
+            name = param.name
+            if param.is_constexpr:
+                signature[name] = "constexpr"
+            elif name == "lab_ptr":
+                signature[name] = "*i64"
+            elif name.endswith("_ptr"):
+                signature[name] = "*bf16" if name in ("x_ptr", "s_ptr", "t_ptr", "y_ptr", "z_ptr", "gz_ptr") else "*fp32"
+            else:
+                signature[name] = "fp32" if name in ("alpha", "label_weight", "log_k") else "i32"
+        compiled = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                                  options=dict(num_warps=8))
+        assert compiled.asm["cubin"], fn.__name__
+
+
+def test_every_kernel_compiles_for_sm90():
+    """The interpreter accepts code that a GPU compile rejects (e.g. a kernel reading a non-constexpr global), so
+    CI also compiles every kernel for sm_90, in a subprocess without TRITON_INTERPRET."""
+    import subprocess
+    import sys
+
+    import triton
+
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("triton was installed without its NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = "import test_triton_ops as t; t.compile_every_kernel_for_sm90()"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=here, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
