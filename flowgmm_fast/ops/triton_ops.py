@@ -228,8 +228,7 @@ def gmm_bwd(grad_nll: Tensor, grad_logits: Optional[Tensor], z: Tensor, means: T
     grad that is not computed (need_params False, or no weight_logits) is returned with shape (0,)."""
     gz, gm, gls, gwl = _gmm.gmm_backward(grad_nll, grad_logits, z, means, log_std, weight_logits, labels,
                                          label_weight, logits, need_params)
-    empty = z.new_empty((0,), dtype=torch.float32)
-    return gz, gm if gm is not None else empty, gls if gls is not None else empty, gwl if gwl is not None else empty
+    return (gz, *(g if g is not None else z.new_empty((0,), dtype=torch.float32) for g in (gm, gls, gwl)))
 
 
 @gmm_bwd.register_fake
