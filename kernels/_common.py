@@ -25,8 +25,9 @@ def next_pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
-def tile_2d(rows: int, cols: int, max_cols: int = 1024, max_elems: int = 2048) -> tuple[int, int]:
-    """(BLOCK_ROWS, BLOCK_COLS) powers of two for a (rows, cols) row-major view: full rows when they fit."""
+def tile_2d(rows: int, cols: int, max_cols: int = 1024, max_elems: int = 4096) -> tuple[int, int]:
+    """(BLOCK_ROWS, BLOCK_COLS) powers of two for a (rows, cols) row-major view: full rows when they fit. 4096
+    elements hold a whole realistic coupling sample (C = 12, 16 x 16), so its log-det needs no second pass."""
     block_cols = min(next_pow2(cols), max_cols)
     block_rows = min(next_pow2(rows), max(1, max_elems // block_cols))
     return block_rows, block_cols

@@ -161,11 +161,12 @@ def test_coupling_forward_then_reverse_is_identity():
 
 
 def test_coupling_spanning_several_tiles_sums_partials():
-    """C * S larger than one tile (2048 elements): the log-det and the scale gradient come from partial sums."""
+    """A sample spanning 2 x 2 (channel, position) tiles (at most 4096 elements and 1024 positions each): the log-det
+    and the scale gradient come from partial sums."""
     torch.manual_seed(3)
     device = DEVICES[0]
-    x, s, t = (torch.randn(2, 3, 40, 40, device=device, requires_grad=True) for _ in range(3))
-    scale = torch.randn(3, device=device, requires_grad=True)
+    x, s, t = (torch.randn(2, 5, 32, 40, device=device, requires_grad=True) for _ in range(3))
+    scale = torch.randn(5, device=device, requires_grad=True)
     sldj = torch.randn(2, device=device)
     with use("triton"):
         y, ldj = F.affine_coupling(x, s, t, scale, F.checkerboard(1), sldj=sldj)
@@ -456,6 +457,7 @@ def _kernel_specs():
         (coupling._coupling_fwd_kernel, dict(HAS_SCALE=True, MASK_MODE=2, REVERSE=False, HAS_SLDJ=True,
                                              ONE_TILE=True, BLOCK_C=8, BLOCK_S=256)),
         (coupling._coupling_bwd_kernel, dict(HAS_SCALE=True, MASK_MODE=1, REVERSE=True, BLOCK_C=8, BLOCK_S=256)),
+        (coupling._coupling_bwd_kernel, dict(HAS_SCALE=False, MASK_MODE=0, REVERSE=False, BLOCK_C=4096, BLOCK_S=1)),
         (squeeze._squeeze2x2_kernel, dict(REVERSE=True, ALT_ORDER=True, BLOCK=1024)),
         (logit._logit_fwd_kernel, dict(HAS_NOISE=True, REVERSE=False, HAS_SLDJ=True, ONE_TILE=False, BLOCK=1024)),
         (logit._logit_bwd_kernel, dict(HAS_NOISE=False, REVERSE=True, BLOCK=1024)),
