@@ -15,7 +15,9 @@
 #if defined(__CUDACC__)
 #define FG_HD __host__ __device__ __forceinline__
 #else
-#define FG_HD inline
+// always_inline: the CPU loops are compiled in several ISA clones (target_clones in cpu/coupling.cpp); the math must
+// be inlined into each clone to be vectorised for its ISA.
+#define FG_HD inline __attribute__((always_inline))
 #endif
 
 namespace flowgmm {
@@ -24,7 +26,7 @@ namespace math {
 #if !defined(__CUDA_ARCH__)
 // exp for float, vectorisable: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-6 polynomial, 2^n via the exponent
 // bits. Exact 0 below -87.3 (where the result would be denormal) and +inf above 88.7; NaN propagates.
-inline float host_expf(float x) {
+FG_HD float host_expf(float x) {
   const float lo = -87.3f, hi = 88.5f;
   float xc = x < lo ? lo : x;
   xc = xc > hi ? hi : xc;
@@ -50,7 +52,7 @@ inline float host_expf(float x) {
 
 // tanh for float, vectorisable: odd polynomial for |x| < 0.625 (relative error ~1e-7), else
 // sign(x) (1 - 2 / (exp(2|x|) + 1)).
-inline float host_tanhf(float x) {
+FG_HD float host_tanhf(float x) {
   float ax = x < 0.0f ? -x : x;
   float x2 = x * x;
   // Cephes tanhf minimax coefficients on [0, 0.625]

@@ -6,6 +6,8 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include <type_traits>
+
 #include "flowgmm_math.h"
 #include "ops.h"
 
@@ -13,7 +15,9 @@ namespace flowgmm {
 namespace cpu {
 namespace {
 
-enum MaskMode { kNoMask = 0, kDense = 1, kChecker = 2 };
+// Loop modes: rows (b, c) with the inner loop over positions (images: no mask, dense mask, checkerboard), or for
+// vectors (S == 1) rows b with the inner loop over channels (per-element scale and mask).
+enum Mode { kNoMask = 0, kDense = 1, kChecker = 2, kVecNoMask = 3, kVecDense = 4 };
 
 struct Geometry {
   int64_t B, C, S, H, W;  // S = H * W positions per channel; H = 1 unless checkerboard
@@ -39,85 +43,190 @@ inline acc keep_at(const scalar_t* mask_row, int64_t h, int64_t w, int64_t W, in
   return acc(0);
 }
 
-template <typename scalar_t, bool kScale, bool kReverse, int kMode>
-void forward_rows(const scalar_t* x, const scalar_t* s, const scalar_t* t, const at::opmath_type<scalar_t>* scale,
-                  const scalar_t* mask, int parity, const Geometry& g, scalar_t* y,
-                  at::opmath_type<scalar_t>* row_ldj) {
+template <typename scalar_t>
+struct Args {
   using acc = at::opmath_type<scalar_t>;
-  at::parallel_for(0, g.B * g.C, grain_rows(g.S), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t c = r % g.C;
-      const acc sc = kScale ? scale[c] : acc(0);
-      const scalar_t* mrow = kMode == kDense ? mask + c * g.S : nullptr;
+  const scalar_t *x, *s, *t, *mask, *gy;  // gy: backward only
+  const acc *scale, *gl;                  // gl: backward only (nullptr = zero)
+  scalar_t *y, *gx, *gs, *gt;             // y: forward; gx, gs, gt: backward
+  acc* row_red;                           // per row (b, c): log-det (forward) or scale gradient (backward)
+  int parity;
+  Geometry g;
+};
+
+// rows [begin, end) of the forward pass
+template <typename scalar_t, bool kScale, bool kReverse, int kMode>
+inline __attribute__((always_inline)) void forward_range(const Args<scalar_t>& a, int64_t begin, int64_t end) {
+  using acc = at::opmath_type<scalar_t>;
+  const Geometry& g = a.g;
+  if constexpr (kMode >= kVecNoMask) {
+    const acc* sc = a.scale;
+    const scalar_t* m = a.mask;
+    for (int64_t b = begin; b < end; ++b) {
+      const scalar_t *xr = a.x + b * g.C, *sr = a.s + b * g.C, *tr = a.t + b * g.C;
+      scalar_t* yr = a.y + b * g.C;
       acc ldj = 0;
-      for (int64_t h = 0; h < g.H; ++h) {
-        const int64_t o = r * g.S + h * g.W;
-        const scalar_t *xr = x + o, *sr = s + o, *tr = t + o;
-        scalar_t* yr = y + o;
 #pragma omp simd reduction(+ : ldj)
-        for (int64_t w = 0; w < g.W; ++w) {
-          acc s_m;
-          const acc keep = keep_at<scalar_t, acc, kMode>(mrow, h, w, g.W, parity);
-          yr[w] = static_cast<scalar_t>(math::coupling_forward<acc, kScale, kReverse>(
-              static_cast<acc>(xr[w]), static_cast<acc>(sr[w]), static_cast<acc>(tr[w]), sc, keep, s_m));
-          ldj += s_m;
-        }
+      for (int64_t c = 0; c < g.C; ++c) {
+        acc s_m;
+        const acc keep = kMode == kVecDense ? static_cast<acc>(m[c]) : acc(0);
+        yr[c] = static_cast<scalar_t>(math::coupling_forward<acc, kScale, kReverse>(
+            static_cast<acc>(xr[c]), static_cast<acc>(sr[c]), static_cast<acc>(tr[c]), kScale ? sc[c] : acc(0), keep,
+            s_m));
+        ldj += s_m;
       }
-      row_ldj[r] = ldj;
+      a.row_red[b] = ldj;
     }
-  });
+    return;
+  }
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t c = r % g.C;
+    const acc sc = kScale ? a.scale[c] : acc(0);
+    const scalar_t* mrow = kMode == kDense ? a.mask + c * g.S : nullptr;
+    acc ldj = 0;
+    for (int64_t h = 0; h < g.H; ++h) {
+      const int64_t o = r * g.S + h * g.W;
+      const scalar_t *xr = a.x + o, *sr = a.s + o, *tr = a.t + o;
+      scalar_t* yr = a.y + o;
+#pragma omp simd reduction(+ : ldj)
+      for (int64_t w = 0; w < g.W; ++w) {
+        acc s_m;
+        const acc keep = keep_at<scalar_t, acc, kMode>(mrow, h, w, g.W, a.parity);
+        yr[w] = static_cast<scalar_t>(math::coupling_forward<acc, kScale, kReverse>(
+            static_cast<acc>(xr[w]), static_cast<acc>(sr[w]), static_cast<acc>(tr[w]), sc, keep, s_m));
+        ldj += s_m;
+      }
+    }
+    a.row_red[r] = ldj;
+  }
 }
 
+// rows [begin, end) of the backward pass
 template <typename scalar_t, bool kScale, bool kReverse, int kMode>
-void backward_rows(const scalar_t* gy, const at::opmath_type<scalar_t>* gl, const scalar_t* x, const scalar_t* s,
-                   const scalar_t* t, const at::opmath_type<scalar_t>* scale, const scalar_t* mask, int parity,
-                   const Geometry& g, scalar_t* gx, scalar_t* gs, scalar_t* gt, at::opmath_type<scalar_t>* row_gscale) {
+inline __attribute__((always_inline)) void backward_range(const Args<scalar_t>& a, int64_t begin, int64_t end) {
   using acc = at::opmath_type<scalar_t>;
-  at::parallel_for(0, g.B * g.C, grain_rows(g.S), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t b = r / g.C, c = r % g.C;
-      const acc sc = kScale ? scale[c] : acc(0);
-      const acc glb = gl ? gl[b] : acc(0);
-      const scalar_t* mrow = kMode == kDense ? mask + c * g.S : nullptr;
-      acc gscale = 0;
-      for (int64_t h = 0; h < g.H; ++h) {
-        const int64_t o = r * g.S + h * g.W;
-        const scalar_t *gyr = gy + o, *xr = x + o, *sr = s + o, *tr = t + o;
-        scalar_t *gxr = gx + o, *gsr = gs + o, *gtr = gt + o;
-#pragma omp simd reduction(+ : gscale)
-        for (int64_t w = 0; w < g.W; ++w) {
-          acc vx, vs, vt;
-          const acc keep = keep_at<scalar_t, acc, kMode>(mrow, h, w, g.W, parity);
-          gscale += math::coupling_backward<acc, kScale, kReverse>(static_cast<acc>(gyr[w]), glb,
-                                                                   static_cast<acc>(xr[w]), static_cast<acc>(sr[w]),
-                                                                   static_cast<acc>(tr[w]), sc, keep, vx, vs, vt);
-          gxr[w] = static_cast<scalar_t>(vx);
-          gsr[w] = static_cast<scalar_t>(vs);
-          gtr[w] = static_cast<scalar_t>(vt);
-        }
+  const Geometry& g = a.g;
+  if constexpr (kMode >= kVecNoMask) {
+    const acc* sc = a.scale;
+    const scalar_t* m = a.mask;
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t o = b * g.C;
+      const scalar_t *gyr = a.gy + o, *xr = a.x + o, *sr = a.s + o, *tr = a.t + o;
+      scalar_t *gxr = a.gx + o, *gsr = a.gs + o, *gtr = a.gt + o;
+      acc* red = kScale ? a.row_red + o : nullptr;
+      const acc glb = a.gl ? a.gl[b] : acc(0);
+#pragma omp simd
+      for (int64_t c = 0; c < g.C; ++c) {
+        acc vx, vs, vt;
+        const acc keep = kMode == kVecDense ? static_cast<acc>(m[c]) : acc(0);
+        const acc gsc = math::coupling_backward<acc, kScale, kReverse>(
+            static_cast<acc>(gyr[c]), glb, static_cast<acc>(xr[c]), static_cast<acc>(sr[c]), static_cast<acc>(tr[c]),
+            kScale ? sc[c] : acc(0), keep, vx, vs, vt);
+        gxr[c] = static_cast<scalar_t>(vx);
+        gsr[c] = static_cast<scalar_t>(vs);
+        gtr[c] = static_cast<scalar_t>(vt);
+        if (kScale) red[c] = gsc;
       }
-      if (kScale) row_gscale[r] = gscale;
+    }
+    return;
+  }
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t b = r / g.C, c = r % g.C;
+    const acc sc = kScale ? a.scale[c] : acc(0);
+    const acc glb = a.gl ? a.gl[b] : acc(0);
+    const scalar_t* mrow = kMode == kDense ? a.mask + c * g.S : nullptr;
+    acc gscale = 0;
+    for (int64_t h = 0; h < g.H; ++h) {
+      const int64_t o = r * g.S + h * g.W;
+      const scalar_t *gyr = a.gy + o, *xr = a.x + o, *sr = a.s + o, *tr = a.t + o;
+      scalar_t *gxr = a.gx + o, *gsr = a.gs + o, *gtr = a.gt + o;
+#pragma omp simd reduction(+ : gscale)
+      for (int64_t w = 0; w < g.W; ++w) {
+        acc vx, vs, vt;
+        const acc keep = keep_at<scalar_t, acc, kMode>(mrow, h, w, g.W, a.parity);
+        gscale += math::coupling_backward<acc, kScale, kReverse>(static_cast<acc>(gyr[w]), glb,
+                                                                 static_cast<acc>(xr[w]), static_cast<acc>(sr[w]),
+                                                                 static_cast<acc>(tr[w]), sc, keep, vx, vs, vt);
+        gxr[w] = static_cast<scalar_t>(vx);
+        gsr[w] = static_cast<scalar_t>(vs);
+        gtr[w] = static_cast<scalar_t>(vt);
+      }
+    }
+    if (kScale) a.row_red[r] = gscale;
+  }
+}
+
+// flags (scale given, reverse, mask mode) -> template parameters; a switch rather than generic lambdas so that the
+// float instantiations below are inlined into (and vectorised for) each ISA clone
+#define FLOWGMM_FLAG_CASES(FN, T)                       \
+  switch ((has_scale ? 10 : 0) + (reverse ? 5 : 0) + mode) { \
+    case 0: FN<T, false, false, kNoMask>(a, begin, end); break; \
+    case 1: FN<T, false, false, kDense>(a, begin, end); break; \
+    case 2: FN<T, false, false, kChecker>(a, begin, end); break; \
+    case 3: FN<T, false, false, kVecNoMask>(a, begin, end); break; \
+    case 4: FN<T, false, false, kVecDense>(a, begin, end); break; \
+    case 5: FN<T, false, true, kNoMask>(a, begin, end); break; \
+    case 6: FN<T, false, true, kDense>(a, begin, end); break; \
+    case 7: FN<T, false, true, kChecker>(a, begin, end); break; \
+    case 8: FN<T, false, true, kVecNoMask>(a, begin, end); break; \
+    case 9: FN<T, false, true, kVecDense>(a, begin, end); break; \
+    case 10: FN<T, true, false, kNoMask>(a, begin, end); break; \
+    case 11: FN<T, true, false, kDense>(a, begin, end); break; \
+    case 12: FN<T, true, false, kChecker>(a, begin, end); break; \
+    case 13: FN<T, true, false, kVecNoMask>(a, begin, end); break; \
+    case 14: FN<T, true, false, kVecDense>(a, begin, end); break; \
+    case 15: FN<T, true, true, kNoMask>(a, begin, end); break; \
+    case 16: FN<T, true, true, kDense>(a, begin, end); break; \
+    case 17: FN<T, true, true, kChecker>(a, begin, end); break; \
+    case 18: FN<T, true, true, kVecNoMask>(a, begin, end); break; \
+    default: FN<T, true, true, kVecDense>(a, begin, end); break; \
+  }
+
+template <typename scalar_t>
+void forward_dispatch(const Args<scalar_t>& a, bool has_scale, bool reverse, int mode, int64_t begin, int64_t end) {
+  FLOWGMM_FLAG_CASES(forward_range, scalar_t)
+}
+template <typename scalar_t>
+void backward_dispatch(const Args<scalar_t>& a, bool has_scale, bool reverse, int mode, int64_t begin, int64_t end) {
+  FLOWGMM_FLAG_CASES(backward_range, scalar_t)
+}
+
+// float32, the hot path: one clone per ISA (AVX-512, AVX2, baseline), picked once at load time (ifunc)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FLOWGMM_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FLOWGMM_CLONES
+#endif
+
+FLOWGMM_CLONES void forward_dispatch_f32(const Args<float>& a, bool has_scale, bool reverse, int mode, int64_t begin,
+                                         int64_t end) {
+  FLOWGMM_FLAG_CASES(forward_range, float)
+}
+FLOWGMM_CLONES void backward_dispatch_f32(const Args<float>& a, bool has_scale, bool reverse, int mode,
+                                          int64_t begin, int64_t end) {
+  FLOWGMM_FLAG_CASES(backward_range, float)
+}
+
+template <typename scalar_t>
+void run(bool forward, const Args<scalar_t>& a, bool has_scale, bool reverse, int mode) {
+  const bool vec = mode >= kVecNoMask;
+  at::parallel_for(0, vec ? a.g.B : a.g.B * a.g.C, vec ? grain_rows(a.g.C) : grain_rows(a.g.S),
+                   [&](int64_t begin, int64_t end) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (forward) forward_dispatch_f32(a, has_scale, reverse, mode, begin, end);
+      else backward_dispatch_f32(a, has_scale, reverse, mode, begin, end);
+    } else {
+      if (forward) forward_dispatch(a, has_scale, reverse, mode, begin, end);
+      else backward_dispatch(a, has_scale, reverse, mode, begin, end);
     }
   });
 }
 
-// Turns the run-time flags (scale given, reverse, mask mode) into template parameters.
-template <typename F>
-void dispatch_flags(bool has_scale, bool reverse, int mode, F&& f) {
-  auto with_mode = [&](auto kS, auto kR) {
-    if (mode == kDense) f(kS, kR, std::integral_constant<int, kDense>{});
-    else if (mode == kChecker) f(kS, kR, std::integral_constant<int, kChecker>{});
-    else f(kS, kR, std::integral_constant<int, kNoMask>{});
-  };
-  auto with_reverse = [&](auto kS) {
-    if (reverse) with_mode(kS, std::true_type{});
-    else with_mode(kS, std::false_type{});
-  };
-  if (has_scale) with_reverse(std::true_type{});
-  else with_reverse(std::false_type{});
+int loop_mode(const OptTensor& mask, int64_t parity, const Geometry& g) {
+  if (parity >= 0) return kChecker;
+  if (g.S == 1) return mask ? kVecDense : kVecNoMask;
+  return mask ? kDense : kNoMask;
 }
-
-int mask_mode(const OptTensor& mask, int64_t parity) { return parity >= 0 ? kChecker : (mask ? kDense : kNoMask); }
 
 }  // namespace
 
@@ -128,19 +237,24 @@ std::tuple<Tensor, Tensor> coupling_fwd(const Tensor& x_, const Tensor& s_, cons
   const auto acc_t = acc_dtype(x.scalar_type());
   const auto out_t = ldj_dtype(x.scalar_type(), sldj ? sldj->scalar_type() : at::kFloat);
   Tensor y = at::empty_like(x);
-  Tensor row_ldj = at::empty({g.B, g.C}, x.options().dtype(acc_t));
+  Tensor row_ldj = at::empty({g.B, g.S == 1 && parity < 0 ? 1 : g.C}, x.options().dtype(acc_t));
   const Tensor scale_c = scale ? scale->to(acc_t).contiguous() : Tensor();
   const Tensor mask_c = mask ? mask->to(x.scalar_type()).contiguous() : Tensor();
-  const int mode = mask_mode(mask, parity);
+  const int mode = loop_mode(mask, parity, g);
   if (x.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "coupling_fwd_cpu", [&] {
       using acc = at::opmath_type<scalar_t>;
-      dispatch_flags(scale.has_value(), reverse, mode, [&](auto kS, auto kR, auto kM) {
-        forward_rows<scalar_t, decltype(kS)::value, decltype(kR)::value, decltype(kM)::value>(
-            x.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(),
-            scale ? scale_c.data_ptr<acc>() : nullptr, mask ? mask_c.data_ptr<scalar_t>() : nullptr,
-            static_cast<int>(parity), g, y.data_ptr<scalar_t>(), row_ldj.data_ptr<acc>());
-      });
+      Args<scalar_t> a{};
+      a.x = x.data_ptr<scalar_t>();
+      a.s = s.data_ptr<scalar_t>();
+      a.t = t.data_ptr<scalar_t>();
+      a.mask = mask ? mask_c.data_ptr<scalar_t>() : nullptr;
+      a.scale = scale ? scale_c.data_ptr<acc>() : nullptr;
+      a.y = y.data_ptr<scalar_t>();
+      a.row_red = row_ldj.data_ptr<acc>();
+      a.parity = static_cast<int>(parity);
+      a.g = g;
+      run(true, a, scale.has_value(), reverse, mode);
     });
   } else {
     row_ldj.zero_();
@@ -161,20 +275,30 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> coupling_bwd(const Tensor& grad_y, co
   const auto acc_t = acc_dtype(x.scalar_type());
   const Tensor gl = grad_sldj ? grad_sldj->to(acc_t).contiguous() : Tensor();
   Tensor gx = at::empty_like(x), gs = at::empty_like(x), gt = at::empty_like(x);
-  Tensor row_gscale = at::zeros({scale ? g.B : 0, g.C}, x.options().dtype(acc_t));
+  const auto gscale_shape = std::vector<int64_t>{scale ? g.B : 0, g.C};
+  Tensor row_gscale = x.numel() > 0 ? at::empty(gscale_shape, x.options().dtype(acc_t))
+                                    : at::zeros(gscale_shape, x.options().dtype(acc_t));
   const Tensor scale_c = scale ? scale->to(acc_t).contiguous() : Tensor();
   const Tensor mask_c = mask ? mask->to(x.scalar_type()).contiguous() : Tensor();
-  const int mode = mask_mode(mask, parity);
+  const int mode = loop_mode(mask, parity, g);
   if (x.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "coupling_bwd_cpu", [&] {
       using acc = at::opmath_type<scalar_t>;
-      dispatch_flags(scale.has_value(), reverse, mode, [&](auto kS, auto kR, auto kM) {
-        backward_rows<scalar_t, decltype(kS)::value, decltype(kR)::value, decltype(kM)::value>(
-            gy.data_ptr<scalar_t>(), grad_sldj ? gl.data_ptr<acc>() : nullptr, x.data_ptr<scalar_t>(),
-            s.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), scale ? scale_c.data_ptr<acc>() : nullptr,
-            mask ? mask_c.data_ptr<scalar_t>() : nullptr, static_cast<int>(parity), g, gx.data_ptr<scalar_t>(),
-            gs.data_ptr<scalar_t>(), gt.data_ptr<scalar_t>(), scale ? row_gscale.data_ptr<acc>() : nullptr);
-      });
+      Args<scalar_t> a{};
+      a.gy = gy.data_ptr<scalar_t>();
+      a.gl = grad_sldj ? gl.data_ptr<acc>() : nullptr;
+      a.x = x.data_ptr<scalar_t>();
+      a.s = s.data_ptr<scalar_t>();
+      a.t = t.data_ptr<scalar_t>();
+      a.mask = mask ? mask_c.data_ptr<scalar_t>() : nullptr;
+      a.scale = scale ? scale_c.data_ptr<acc>() : nullptr;
+      a.gx = gx.data_ptr<scalar_t>();
+      a.gs = gs.data_ptr<scalar_t>();
+      a.gt = gt.data_ptr<scalar_t>();
+      a.row_red = scale ? row_gscale.data_ptr<acc>() : nullptr;
+      a.parity = static_cast<int>(parity);
+      a.g = g;
+      run(false, a, scale.has_value(), reverse, mode);
     });
   }
   Tensor gscale = scale ? row_gscale.sum(0).to(scale->scalar_type()) : at::empty({0}, x.options());
