@@ -188,14 +188,27 @@ def _gmm_bwd_params_kernel(z_ptr, g_ptr, a_ptr, a2_ptr, B, K, D, rows_per_split,
         tl.store(a2_ptr + out, acc2, mask=om)
 
 
-def _config(k: int, diag: bool, device: torch.device) -> dict:
-    """Block sizes, warps and dot precision. Chosen so no kernel spills registers on sm_90 (cuobjdump of the
-    compiled cubins; K = 100 diagonal spills a little in the forward): (B, K) tiles of <= 1024 fp32."""
+def _config(b: int, k: int, diag: bool, device: torch.device) -> dict:
+    """Block sizes, warps and dot precision. The largest BLOCK_B of each K (fp32 (B, K) tiles of <= 1024) was chosen so
+    no kernel spills registers on sm_90 (cuobjdump of the compiled cubins; K = 100 diagonal spills a little in the
+    forward); BLOCK_B halves (down to 16, tl.dot's minimum) while there are fewer than 2 row blocks per SM."""
     if k > MAX_COMPONENTS:
         raise ValueError(f"the triton GMM kernels support at most {MAX_COMPONENTS} components, got K = {k}")
     block_k = max(16, next_pow2(k))
     block_b = 64 if block_k == 16 else 32 if (block_k == 32 and not diag) else 16
+    if device.type == "cuda":
+        while block_b > 16 and triton.cdiv(b, block_b) < 2 * _sm_count(_index(device)):
+            block_b //= 2
     return dict(BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_D=32, PRECISION=_dot_precision(device), num_warps=8)
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 @functools.lru_cache(maxsize=None)
@@ -206,8 +219,7 @@ def _tf32_capable(index: int) -> bool:
 def _dot_precision(device: torch.device) -> str:
     """"tf32x3" (three TF32 tensor-core products, about fp32 accuracy) on sm_80+, else IEEE fp32 FMA. Plain TF32 is
     never used: |z|^2 - 2 z.mu + |mu|^2 cancels and needs fp32-accurate dot products."""
-    if device.type == "cuda" and _tf32_capable(device.index if device.index is not None else
-                                               torch.cuda.current_device()):
+    if device.type == "cuda" and _tf32_capable(_index(device)):
         return "tf32x3"
     return "ieee"
 
@@ -223,7 +235,7 @@ def gmm_forward(z, means, log_std, weight_logits, labels, label_weight: float):
     logits = torch.empty((b, k), dtype=torch.float32, device=z.device)
     if b == 0:
         return nll, logits
-    cfg = _config(k, diag, z.device)
+    cfg = _config(b, k, diag, z.device)
     _gmm_fwd_kernel[(triton.cdiv(b, cfg["BLOCK_B"]),)](
         z, means, log_std, weight_logits.contiguous() if weight_logits is not None else log_std,
         labels.contiguous() if labels is not None else nll, logits, nll,
@@ -241,7 +253,7 @@ def gmm_backward(grad_nll, grad_logits, z, means, log_std, weight_logits, labels
     b, d = z.shape
     k = means.shape[0]
     diag = log_std.dim() == 2
-    cfg = _config(k, diag, z.device)
+    cfg = _config(b, k, diag, z.device)
     gz = torch.empty_like(z)
     g = torch.empty((b, k), dtype=torch.float32, device=z.device)
     if b > 0:
@@ -259,8 +271,9 @@ def gmm_backward(grad_nll, grad_logits, z, means, log_std, weight_logits, labels
     splits = max(1, min(row_blocks, 256 // n_d))
     rows_per_split = max(1, triton.cdiv(row_blocks, splits)) * block_b
     splits = max(1, triton.cdiv(b, rows_per_split))
-    a = torch.zeros((splits, k, d), dtype=torch.float32, device=z.device)
-    a2 = torch.zeros_like(a) if diag else a
+    alloc = torch.empty if b > 0 else torch.zeros  # every (split, k, d) is written by the kernel when b > 0
+    a = alloc((splits, k, d), dtype=torch.float32, device=z.device)
+    a2 = alloc((splits, k, d), dtype=torch.float32, device=z.device) if diag else a
     if b > 0:
         _gmm_bwd_params_kernel[(n_d, splits)](z, g, a, a2, b, k, d, rows_per_split, DIAG=diag, **cfg)
     a = a.sum(0)
