@@ -116,6 +116,7 @@ class TabularData:
     x_test: np.ndarray
     y_test: np.ndarray
     name: str = "data"
+    scaler: Standardizer | None = None  # set by :meth:`standardized`; maps features back with ``scaler.inverse``
 
     def __post_init__(self):
         self.x_train = _as_features(self.x_train, "x_train").astype(np.float32)
@@ -139,7 +140,8 @@ class TabularData:
     def standardized(self) -> "TabularData":
         """A copy standardised with the mean / std of ``x_train``."""
         st = Standardizer.fit(self.x_train)
-        return TabularData(st.transform(self.x_train), self.y_train, st.transform(self.x_test), self.y_test, self.name)
+        return TabularData(st.transform(self.x_train), self.y_train, st.transform(self.x_test), self.y_test, self.name,
+                           st)
 
 
 def train_test_split_stratified(x, y, test_fraction: float, seed: int = 0):
