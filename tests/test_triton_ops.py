@@ -483,7 +483,8 @@ def compile_every_kernel_for_sm90() -> None:
             elif name == "lab_ptr":
                 signature[name] = "*i64"
             elif name.endswith("_ptr"):
-                signature[name] = "*bf16" if name in ("x_ptr", "s_ptr", "t_ptr", "y_ptr", "z_ptr", "gz_ptr") else "*fp32"
+                low = name in ("x_ptr", "s_ptr", "t_ptr", "y_ptr", "z_ptr", "gz_ptr")
+                signature[name] = "*bf16" if low else "*fp32"
             else:
                 signature[name] = "fp32" if name in ("alpha", "label_weight", "log_k") else "i32"
         compiled = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32),

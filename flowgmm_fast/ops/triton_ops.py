@@ -32,8 +32,6 @@ from . import reference
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 try:
-    import triton  # noqa: F401
-
     from flowgmm_fast.kernels import coupling as _coupling
     from flowgmm_fast.kernels import gmm as _gmm
     from flowgmm_fast.kernels import logit as _logit
