@@ -508,3 +508,22 @@ def test_every_kernel_compiles_for_sm90():
     proc = subprocess.run([sys.executable, "-c", code], cwd=here, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gmm_with_more_components_than_the_kernel_holds_runs_the_reference(device):
+    from flowgmm_fast.kernels.gmm import MAX_COMPONENTS
+
+    k = MAX_COMPONENTS + 3
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(4, 6, generator=g).to(device).requires_grad_()
+    means = torch.randn(k, 6, generator=g).to(device)
+    labels = torch.tensor([-1, 0, k - 1, -1], device=device)
+    with use("triton"):
+        nll = F.gmm_nll(z, means, torch.zeros(k, device=device), labels=labels)
+    (gz,) = torch.autograd.grad(nll.sum(), z)
+    with use("torch"):
+        ref = F.gmm_nll(z, means, torch.zeros(k, device=device), labels=labels)
+    (gz_ref,) = torch.autograd.grad(ref.sum(), z)
+    torch.testing.assert_close(nll, ref)
+    torch.testing.assert_close(gz, gz_ref)

@@ -262,22 +262,25 @@ def _gmm_backward(ctx, grad_nll, grad_logits):
 gmm_fwd.register_autograd(_gmm_backward, setup_context=_gmm_setup)
 
 
-def _gmm_in_fp64(*tensors) -> bool:
-    return any(t is not None and t.dtype == torch.float64 for t in tensors)
+def _gmm_use_reference(z, means, *tensors) -> bool:
+    """float64 inputs, or more components than the kernels hold in registers (K > MAX_COMPONENTS), run the
+    reference: the kernels compute in fp32 and keep all K logits of a row block on chip."""
+    too_many = means.shape[0] > _gmm.MAX_COMPONENTS
+    return too_many or any(t is not None and t.dtype == torch.float64 for t in (z, means, *tensors))
 
 
 def gmm_log_prob(z, means, log_std, weight_logits):
     """Class logits (B, K) fp32 (normalised signature of :func:`flowgmm_fast.ops.reference.gmm_log_prob`); one
-    fused launch. float64 inputs run the reference."""
-    if _gmm_in_fp64(z, means, log_std, weight_logits):
+    fused launch. float64 inputs and K > 128 components run the reference."""
+    if _gmm_use_reference(z, means, log_std, weight_logits):
         return reference.gmm_log_prob(z, means, log_std, weight_logits)
     return gmm_fwd(z, means, log_std, weight_logits, None, 1.0)[1]
 
 
 def gmm_nll(z, means, log_std, weight_logits, labels, label_weight, return_logits=False):
     """Per-sample NLL (B,) fp32, and the class logits (B, K) from the same pass when ``return_logits`` (normalised
-    signature of :func:`flowgmm_fast.ops.reference.gmm_nll`). float64 inputs run the reference."""
-    if _gmm_in_fp64(z, means, log_std, weight_logits):
+    signature of :func:`flowgmm_fast.ops.reference.gmm_nll`). float64 inputs and K > 128 components run the reference."""
+    if _gmm_use_reference(z, means, log_std, weight_logits):
         return reference.gmm_nll(z, means, log_std, weight_logits, labels, label_weight, return_logits)
     nll, logits = gmm_fwd(z, means, log_std, weight_logits, labels, float(label_weight))
     return (nll, logits) if return_logits else nll
