@@ -1,0 +1,199 @@
+// Affine coupling on CUDA: one fused kernel per direction (flowgmm_math.h's per-element math).
+// Layout: x viewed as (B, N = C * S); each thread owns one column (so its channel, scale and mask value are loaded
+// once) and loops over a chunk of samples; coalesced across threads. Forward: per-sample log-det by warp reduction +
+// one atomic per warp and sample. Backward: dL/dx, dL/ds, dL/dt written once; the per-channel scale gradient is
+// reduced in registers over the sample chunk, then over the warp (when the warp lies in one channel) before the
+// atomic. Grid sized from the SM count; current stream.
+#include "common.cuh"
+#include "flowgmm_math.h"
+#include "ops.h"
+
+namespace flowgmm {
+namespace cuda {
+namespace {
+
+using cuda_detail::kThreads;
+using cuda_detail::warp_sum;
+
+enum Mode { kNoMask = 0, kDense = 1, kChecker = 2 };
+
+template <typename scalar_t>
+struct CouplingArgs {
+  using acc = at::opmath_type<scalar_t>;
+  const scalar_t *x, *s, *t, *mask, *gy;
+  const acc *scale, *gl;
+  scalar_t *y, *gx, *gs, *gt;
+  acc* red;  // forward: (B,) log-det sums; backward: (C,) scale gradient
+  int64_t B, N, S, W, rows;
+  int parity, mode;
+  bool has_scale, reverse;
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ at::opmath_type<scalar_t> column_keep(const CouplingArgs<scalar_t>& a, int64_t j) {
+  using acc = at::opmath_type<scalar_t>;
+  if (a.mode == kDense) return static_cast<acc>(a.mask[j]);
+  if (a.mode == kChecker) {
+    const int64_t sp = j % a.S, h = sp / a.W;
+    return static_cast<acc>(math::checker_keep(h, sp - h * a.W, a.parity));
+  }
+  return acc(0);
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) coupling_fwd_kernel(const CouplingArgs<scalar_t> a) {
+  using acc = at::opmath_type<scalar_t>;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const bool active = j < a.N;
+  const int64_t c = active ? j / a.S : 0;
+  const acc sc = (active && a.has_scale) ? a.scale[c] : acc(0);
+  const acc keep = active ? column_keep(a, j) : acc(0);
+  const int64_t b0 = static_cast<int64_t>(blockIdx.y) * a.rows;
+  const int64_t b1 = b0 + a.rows < a.B ? b0 + a.rows : a.B;
+  for (int64_t b = b0; b < b1; ++b) {
+    acc s_m = 0;
+    if (active) {
+      const int64_t i = b * a.N + j;
+      const acc xv = static_cast<acc>(a.x[i]), sv = static_cast<acc>(a.s[i]), tv = static_cast<acc>(a.t[i]);
+      acc yv;
+      if (a.has_scale) {
+        yv = a.reverse ? math::coupling_forward<acc, true, true>(xv, sv, tv, sc, keep, s_m)
+                       : math::coupling_forward<acc, true, false>(xv, sv, tv, sc, keep, s_m);
+      } else {
+        yv = a.reverse ? math::coupling_forward<acc, false, true>(xv, sv, tv, sc, keep, s_m)
+                       : math::coupling_forward<acc, false, false>(xv, sv, tv, sc, keep, s_m);
+      }
+      a.y[i] = static_cast<scalar_t>(yv);
+    }
+    const acc tot = warp_sum(s_m);
+    if ((threadIdx.x & 31) == 0 && tot != acc(0)) atomicAdd(a.red + b, tot);
+  }
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) coupling_bwd_kernel(const CouplingArgs<scalar_t> a) {
+  using acc = at::opmath_type<scalar_t>;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const bool active = j < a.N;
+  const int64_t c = active ? j / a.S : -1;
+  const acc sc = (active && a.has_scale) ? a.scale[c] : acc(0);
+  const acc keep = active ? column_keep(a, j) : acc(0);
+  const int64_t b0 = static_cast<int64_t>(blockIdx.y) * a.rows;
+  const int64_t b1 = b0 + a.rows < a.B ? b0 + a.rows : a.B;
+  acc gscale = 0;
+  if (active) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t i = b * a.N + j;
+      const acc gy = static_cast<acc>(a.gy[i]), gl = a.gl ? a.gl[b] : acc(0);
+      const acc xv = static_cast<acc>(a.x[i]), sv = static_cast<acc>(a.s[i]), tv = static_cast<acc>(a.t[i]);
+      acc gx, gs, gt;
+      if (a.has_scale) {
+        gscale += a.reverse ? math::coupling_backward<acc, true, true>(gy, gl, xv, sv, tv, sc, keep, gx, gs, gt)
+                            : math::coupling_backward<acc, true, false>(gy, gl, xv, sv, tv, sc, keep, gx, gs, gt);
+      } else if (a.reverse) {
+        math::coupling_backward<acc, false, true>(gy, gl, xv, sv, tv, sc, keep, gx, gs, gt);
+      } else {
+        math::coupling_backward<acc, false, false>(gy, gl, xv, sv, tv, sc, keep, gx, gs, gt);
+      }
+      a.gx[i] = static_cast<scalar_t>(gx);
+      a.gs[i] = static_cast<scalar_t>(gs);
+      a.gt[i] = static_cast<scalar_t>(gt);
+    }
+  }
+  if (!a.has_scale) return;  // uniform over the grid
+  // warp lies in one channel: reduce over the warp, one atomic; else one atomic per active lane
+  const int64_t c_first = __shfl_sync(0xffffffffu, c, 0), c_last = __shfl_sync(0xffffffffu, c, 31);
+  if (c_first == c_last && c_first >= 0) {
+    const acc tot = warp_sum(gscale);
+    if ((threadIdx.x & 31) == 0) atomicAdd(a.red + c_first, tot);
+  } else if (active) {
+    atomicAdd(a.red + c, gscale);
+  }
+}
+
+template <typename scalar_t>
+CouplingArgs<scalar_t> make_args(const Tensor& x, const Tensor& s, const Tensor& t, const Tensor& scale_c,
+                                 const Tensor& mask_c, int64_t parity, bool reverse) {
+  using acc = at::opmath_type<scalar_t>;
+  CouplingArgs<scalar_t> a{};
+  a.x = x.data_ptr<scalar_t>();
+  a.s = s.data_ptr<scalar_t>();
+  a.t = t.data_ptr<scalar_t>();
+  a.mask = mask_c.defined() ? mask_c.data_ptr<scalar_t>() : nullptr;
+  a.scale = scale_c.defined() ? scale_c.data_ptr<acc>() : nullptr;
+  a.B = x.size(0);
+  a.N = a.B == 0 ? 0 : x.numel() / a.B;
+  a.S = 1;
+  for (int64_t d = 2; d < x.dim(); ++d) a.S *= x.size(d);
+  a.W = parity >= 0 ? x.size(3) : 1;
+  a.parity = static_cast<int>(parity);
+  a.mode = parity >= 0 ? kChecker : (mask_c.defined() ? kDense : kNoMask);
+  a.has_scale = scale_c.defined();
+  a.reverse = reverse;
+  return a;
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> coupling_fwd(const Tensor& x_, const Tensor& s_, const Tensor& t_, const OptTensor& scale,
+                                        const OptTensor& mask, int64_t parity, bool reverse, const OptTensor& sldj) {
+  const c10::cuda::OptionalCUDAGuard guard(x_.device());
+  const Tensor x = x_.contiguous(), s = s_.contiguous(), t = t_.contiguous();
+  const auto acc_t = acc_dtype(x.scalar_type());
+  const auto out_t = ldj_dtype(x.scalar_type(), sldj ? sldj->scalar_type() : at::kFloat);
+  const Tensor scale_c = scale ? scale->to(acc_t).contiguous() : Tensor();
+  const Tensor mask_c = mask ? mask->to(x.scalar_type()).contiguous() : Tensor();
+  Tensor y = at::empty_like(x);
+  Tensor ldj = at::zeros({x.size(0)}, x.options().dtype(acc_t));
+  if (x.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "coupling_fwd_cuda", [&] {
+      using acc = at::opmath_type<scalar_t>;
+      auto a = make_args<scalar_t>(x, s, t, scale_c, mask_c, parity, reverse);
+      a.y = y.data_ptr<scalar_t>();
+      a.red = ldj.data_ptr<acc>();
+      const auto [grid, rows] = cuda_detail::column_grid(a.B, a.N);
+      a.rows = rows;
+      coupling_fwd_kernel<scalar_t><<<grid, kThreads, 0, cuda_detail::stream()>>>(a);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  Tensor out = ldj.to(out_t);
+  if (reverse) out.neg_();
+  if (sldj) out.add_(sldj->to(out_t));
+  return {y, out};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> coupling_bwd(const Tensor& grad_y, const OptTensor& grad_sldj,
+                                                        const Tensor& x_, const Tensor& s_, const Tensor& t_,
+                                                        const OptTensor& scale, const OptTensor& mask, int64_t parity,
+                                                        bool reverse) {
+  const c10::cuda::OptionalCUDAGuard guard(x_.device());
+  const Tensor x = x_.contiguous(), s = s_.contiguous(), t = t_.contiguous();
+  const Tensor gy = grad_y.to(x.scalar_type()).contiguous();
+  const auto acc_t = acc_dtype(x.scalar_type());
+  const Tensor gl = grad_sldj ? grad_sldj->to(acc_t).contiguous() : Tensor();
+  const Tensor scale_c = scale ? scale->to(acc_t).contiguous() : Tensor();
+  const Tensor mask_c = mask ? mask->to(x.scalar_type()).contiguous() : Tensor();
+  Tensor gx = at::empty_like(x), gs = at::empty_like(x), gt = at::empty_like(x);
+  Tensor gscale = at::zeros({scale ? x.size(1) : 0}, x.options().dtype(acc_t));
+  if (x.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "coupling_bwd_cuda", [&] {
+      using acc = at::opmath_type<scalar_t>;
+      auto a = make_args<scalar_t>(x, s, t, scale_c, mask_c, parity, reverse);
+      a.gy = gy.data_ptr<scalar_t>();
+      a.gl = gl.defined() ? gl.data_ptr<acc>() : nullptr;
+      a.gx = gx.data_ptr<scalar_t>();
+      a.gs = gs.data_ptr<scalar_t>();
+      a.gt = gt.data_ptr<scalar_t>();
+      a.red = scale ? gscale.data_ptr<acc>() : nullptr;
+      const auto [grid, rows] = cuda_detail::column_grid(a.B, a.N);
+      a.rows = rows;
+      coupling_bwd_kernel<scalar_t><<<grid, kThreads, 0, cuda_detail::stream()>>>(a);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  return {gx, gs, gt, scale ? gscale.to(scale->scalar_type()) : at::empty({0}, x.options())};
+}
+
+}  // namespace cuda
+}  // namespace flowgmm

@@ -1,0 +1,154 @@
+// 2x2 squeeze (a permutation; any dtype) and the logit preprocessing with its per-sample log-det on CUDA.
+// Squeeze: one thread per element (grid-stride), gather (forward) or scatter (reverse) through
+// flowgmm_math.h's squeeze_unsq_offset. Logit forward: the column-tiled per-sample layout of coupling.cu with the
+// log-det reduced per warp (one atomic per warp and sample); backward: elementwise. Current stream.
+#include "common.cuh"
+#include "flowgmm_math.h"
+#include "ops.h"
+
+namespace flowgmm {
+namespace cuda {
+namespace {
+
+using cuda_detail::kThreads;
+using cuda_detail::warp_sum;
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) squeeze_kernel(const scalar_t* __restrict__ src, scalar_t* __restrict__ dst,
+                                                          int64_t total, int64_t C, int64_t H2, int64_t W2, bool alt,
+                                                          bool reverse) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t w = i % W2, h = (i / W2) % H2, oc = (i / (W2 * H2)) % (4 * C), b = i / (W2 * H2 * 4 * C);
+    const int64_t off = math::squeeze_unsq_offset(b, oc, h, w, C, H2, W2, alt);
+    if (reverse) dst[off] = src[i];
+    else dst[i] = src[off];
+  }
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) logit_fwd_kernel(const scalar_t* __restrict__ x,
+                                                            const scalar_t* __restrict__ noise, scalar_t* y,
+                                                            at::opmath_type<scalar_t>* ldj, int64_t B, int64_t N,
+                                                            int64_t rows, double alpha, double log_scale,
+                                                            bool reverse) {
+  using acc = at::opmath_type<scalar_t>;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const bool active = j < N;
+  const acc a = static_cast<acc>(alpha), ls = static_cast<acc>(log_scale);
+  const int64_t b0 = static_cast<int64_t>(blockIdx.y) * rows;
+  const int64_t b1 = b0 + rows < B ? b0 + rows : B;
+  for (int64_t b = b0; b < b1; ++b) {
+    acc el = 0;
+    if (active) {
+      const int64_t i = b * N + j;
+      acc v = static_cast<acc>(x[i]);
+      if (reverse) {
+        y[i] = static_cast<scalar_t>(math::logit_reverse(v, a, ls, el));
+      } else {
+        if (noise) v = (v * acc(255) + static_cast<acc>(noise[i])) / acc(256);
+        y[i] = static_cast<scalar_t>(math::logit_forward(v, a, ls, el));
+      }
+    }
+    const acc tot = warp_sum(el);
+    if ((threadIdx.x & 31) == 0) atomicAdd(ldj + b, reverse ? -tot : tot);
+  }
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) logit_bwd_kernel(const scalar_t* __restrict__ gy,
+                                                            const at::opmath_type<scalar_t>* __restrict__ gl,
+                                                            const scalar_t* __restrict__ x,
+                                                            const scalar_t* __restrict__ noise, scalar_t* gx,
+                                                            int64_t total, int64_t N, double alpha, bool reverse) {
+  using acc = at::opmath_type<scalar_t>;
+  const acc a = static_cast<acc>(alpha);
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const acc g = static_cast<acc>(gy[i]), glb = gl ? gl[i / N] : acc(0), v = static_cast<acc>(x[i]);
+    acc out;
+    if (reverse) {
+      out = math::logit_reverse_grad(g, glb, v, a);
+    } else if (noise) {
+      const acc u = (v * acc(255) + static_cast<acc>(noise[i])) / acc(256);
+      out = math::logit_forward_grad(g, glb, u, a) * (acc(255) / acc(256));
+    } else {
+      out = math::logit_forward_grad(g, glb, v, a);
+    }
+    gx[i] = static_cast<scalar_t>(out);
+  }
+}
+
+unsigned elementwise_blocks(int64_t total) {
+  return static_cast<unsigned>(
+      std::clamp<int64_t>(cuda_detail::ceil_div(total, kThreads), 1, cuda_detail::target_blocks() * 4));
+}
+
+}  // namespace
+
+Tensor squeeze2x2(const Tensor& x_, bool reverse, bool alt_order) {
+  const c10::cuda::OptionalCUDAGuard guard(x_.device());
+  const Tensor x = x_.contiguous();
+  const int64_t B = x.size(0);
+  const int64_t C = reverse ? x.size(1) / 4 : x.size(1);
+  const int64_t H2 = reverse ? x.size(2) : x.size(2) / 2;
+  const int64_t W2 = reverse ? x.size(3) : x.size(3) / 2;
+  Tensor out = reverse ? at::empty({B, C, 2 * H2, 2 * W2}, x.options())
+                       : at::empty({B, 4 * C, H2, W2}, x.options());
+  const int64_t total = x.numel();
+  if (total == 0) return out;
+  AT_DISPATCH_ALL_TYPES_AND3(at::kHalf, at::kBFloat16, at::kBool, x.scalar_type(), "squeeze2x2_cuda", [&] {
+    squeeze_kernel<scalar_t><<<elementwise_blocks(total), kThreads, 0, cuda_detail::stream()>>>(
+        x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), total, C, H2, W2, alt_order, reverse);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor> logit_fwd(const Tensor& x_, double alpha, bool reverse, const OptTensor& sldj,
+                                     const OptTensor& noise) {
+  const c10::cuda::OptionalCUDAGuard guard(x_.device());
+  const Tensor x = x_.contiguous();
+  const Tensor n = noise ? noise->contiguous() : Tensor();
+  const int64_t B = x.size(0), N = B == 0 ? 0 : x.numel() / B;
+  const auto acc_t = acc_dtype(x.scalar_type());
+  const auto out_t = ldj_dtype(x.scalar_type(), sldj ? sldj->scalar_type() : at::kFloat);
+  Tensor y = at::empty_like(x);
+  Tensor ldj = at::zeros({B}, x.options().dtype(acc_t));
+  if (x.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "logit_fwd_cuda", [&] {
+      using acc = at::opmath_type<scalar_t>;
+      const auto [grid, rows] = cuda_detail::column_grid(B, N);
+      logit_fwd_kernel<scalar_t><<<grid, kThreads, 0, cuda_detail::stream()>>>(
+          x.data_ptr<scalar_t>(), n.defined() ? n.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(),
+          ldj.data_ptr<acc>(), B, N, rows, alpha, std::log1p(-2 * alpha), reverse);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  Tensor out = ldj.to(out_t);
+  if (sldj) out = out.add_(sldj->to(out_t));
+  return {y, out};
+}
+
+Tensor logit_bwd(const Tensor& grad_y, const OptTensor& grad_sldj, const Tensor& x_, double alpha, bool reverse,
+                 const OptTensor& noise) {
+  const c10::cuda::OptionalCUDAGuard guard(x_.device());
+  const Tensor x = x_.contiguous();
+  const Tensor gy = grad_y.to(x.scalar_type()).contiguous();
+  const Tensor n = noise ? noise->contiguous() : Tensor();
+  const int64_t B = x.size(0), total = x.numel(), N = B == 0 ? 1 : std::max<int64_t>(1, total / B);
+  const Tensor gl = grad_sldj ? grad_sldj->to(acc_dtype(x.scalar_type())).contiguous() : Tensor();
+  Tensor gx = at::empty_like(x);
+  if (total == 0) return gx;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "logit_bwd_cuda", [&] {
+    using acc = at::opmath_type<scalar_t>;
+    logit_bwd_kernel<scalar_t><<<elementwise_blocks(total), kThreads, 0, cuda_detail::stream()>>>(
+        gy.data_ptr<scalar_t>(), gl.defined() ? gl.data_ptr<acc>() : nullptr, x.data_ptr<scalar_t>(),
+        n.defined() ? n.data_ptr<scalar_t>() : nullptr, gx.data_ptr<scalar_t>(), total, N, alpha, reverse);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return gx;
+}
+
+}  // namespace cuda
+}  // namespace flowgmm
