@@ -1,0 +1,239 @@
+"""Semi-supervised FlowGMM on feature vectors: UCI tables, sentence embeddings of text, any (features, labels) file.
+
+A RealNVPTabular flow with a Gaussian-mixture prior (one component per class), trained with AdamW and a cosine
+learning-rate schedule on all labeled points + a batch of unlabeled points per step:
+    loss = label_weight * mean NLL(labeled) + unlabeled_weight * mean NLL(unlabeled)
+(:func:`flowgmm_fast.training.semisup_loss`). The loop, TensorBoard logging, the non-finite guard, atomic
+checkpoints and exact resume are the shared :class:`flowgmm_fast.training.Trainer`. An epoch is one pass over the
+unlabeled points.
+
+Data (--dataset):
+  miniboone, hepmass        the UCI files in --data-root (flowgmm_fast.data.tabular, MAF preprocessing)
+  ag_news, yahoo_answers    --features: an .npz of embeddings written by experiments/embed_text.py (x, y, x_test,
+                            y_test); or --data-root with the standard train.csv / test.csv, embedded (and cached)
+                            offline with the default sentence-transformers model
+  digits, breast_cancer     scikit-learn's bundled sets
+  custom                    --features FILE.npz|FILE.csv (--label-column; a test set from the npz's x_test/y_test
+                            or a stratified --test-fraction split)
+Features are standardised with the training mean / std. Labels: --split FILE (labeled indices into the training
+set, .npz with labeled_idx or one index per line) or --num-labeled N balanced over the classes (--seed).
+
+Presets (REFERENCE.md; every value can be overridden by its flag):
+  dataset        labels  unlabeled weight  epochs  lr     flow
+  ag_news        200     0.6               100     3e-4   7 couplings, hidden 1024
+  yahoo_answers  800     0.2               200     3e-4   7 couplings, hidden 1024
+  miniboone      20      3                 300     3e-4   10 couplings, hidden 256
+  hepmass        20      10                15      1e-3   10 couplings, hidden 256
+  digits         100     1                 300     1e-3   4 couplings, hidden 128, means from the labels
+  breast_cancer  20      1                 300     1e-3   4 couplings, hidden 128
+  custom         --      1                 100     3e-4   10 couplings, hidden 256, means from the labels
+The reference means (more than 2 classes: N(0, 0.56^2 I)) are about 0.8 sqrt(D) apart against sigma = 1.31: fine for
+768-d text embeddings, overlapping in a few dimensions, hence --means-init labeled for digits and custom data.
+
+    python experiments/train_semisup_flowgmm_tabular.py --dataset miniboone --data-root data/miniboone
+    python experiments/train_semisup_flowgmm_tabular.py --dataset custom --features feats.npz --split lab.txt
+    python experiments/train_semisup_flowgmm_tabular.py --dataset digits --resume     # continue runs/<name>
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+
+from flowgmm_fast.data import tabular as T
+from flowgmm_fast.semisup import build_tabular_flowgmm, init_means_from_labeled
+from flowgmm_fast.training import Trainer, TrainLogger, make_lr_scheduler, seed_everything, semisup_loss
+
+PRESETS = {
+    "ag_news": dict(num_labeled=200, unlabeled_weight=0.6, epochs=100, lr=3e-4, num_coupling_layers=7,
+                    hidden_dim=1024, means_init="reference"),
+    "yahoo_answers": dict(num_labeled=800, unlabeled_weight=0.2, epochs=200, lr=3e-4, num_coupling_layers=7,
+                          hidden_dim=1024, means_init="reference"),
+    "miniboone": dict(num_labeled=20, unlabeled_weight=3.0, epochs=300, lr=3e-4, num_coupling_layers=10,
+                      hidden_dim=256, means_init="reference"),
+    "hepmass": dict(num_labeled=20, unlabeled_weight=10.0, epochs=15, lr=1e-3, num_coupling_layers=10,
+                    hidden_dim=256, means_init="reference"),
+    "digits": dict(num_labeled=100, unlabeled_weight=1.0, epochs=300, lr=1e-3, num_coupling_layers=4,
+                   hidden_dim=128, means_init="labeled"),
+    "breast_cancer": dict(num_labeled=20, unlabeled_weight=1.0, epochs=300, lr=1e-3, num_coupling_layers=4,
+                          hidden_dim=128, means_init="reference"),
+    "custom": dict(num_labeled=None, unlabeled_weight=1.0, epochs=100, lr=3e-4, num_coupling_layers=10,
+                   hidden_dim=256, means_init="labeled"),
+}
+COMMON = dict(batch_size=5000, weight_decay=1e-5, dropout=0.5, num_layers=1, label_weight=1.0)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", required=True, choices=list(PRESETS))
+    p.add_argument("--data-root", help="folder with the dataset's standard files (UCI / text CSVs)")
+    p.add_argument("--features", help="features file: .npz (x, y[, x_test, y_test]) or .csv")
+    p.add_argument("--label-column", default="-1", help="CSV label column: index or header name (default: last)")
+    p.add_argument("--test-fraction", type=float, default=None,
+                   help="stratified test split of --features when it has no test set")
+    p.add_argument("--split", help="labeled-index file (.npz labeled_idx or one index per line)")
+    p.add_argument("--num-labeled", type=int, help="labels balanced over the classes (when no --split)")
+    p.add_argument("--max-train", type=int, help="keep the first N training rows (quick runs)")
+    p.add_argument("--seed", type=int, default=0)
+    for name in ("unlabeled_weight", "label_weight", "lr", "weight_decay", "dropout", "epochs"):
+        p.add_argument("--" + name.replace("_", "-"), type=float)
+    for name in ("batch_size", "num_coupling_layers", "hidden_dim", "num_layers"):
+        p.add_argument("--" + name.replace("_", "-"), type=int)
+    p.add_argument("--means-init", choices=("reference", "labeled"),
+                   help="reference: REFERENCE.md's fixed random means; labeled: class means of the labeled latents")
+    p.add_argument("--max-steps", type=int, help="stop after this many steps (default: epochs x steps per epoch)")
+    p.add_argument("--stop-at", type=int, help="stop with a checkpoint at this step, the schedule unchanged (continue "
+                   "later with --resume)")
+    p.add_argument("--max-grad-norm", type=float, default=100.0)
+    p.add_argument("--log-every", type=int, default=20)
+    p.add_argument("--eval-every", type=int, default=None, help="steps between test evaluations (default: end)")
+    p.add_argument("--save-every", type=int, default=None, help="steps between checkpoints (default: end)")
+    p.add_argument("--run-dir", help="TensorBoard logs, checkpoint and metrics (default runs/tabular_<dataset>_s<seed>)")
+    p.add_argument("--resume", action="store_true", help="continue from <run-dir>/last.pt")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    preset = {**COMMON, **PRESETS[args.dataset]}
+    for key, value in preset.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.dataset == "custom" and args.features is None:
+        p.error("--dataset custom needs --features FILE")
+    if args.dataset in ("miniboone", "hepmass") and args.data_root is None:
+        p.error(f"--dataset {args.dataset} needs --data-root with the UCI files")
+    if args.dataset in ("ag_news", "yahoo_answers") and args.features is None and args.data_root is None:
+        p.error(f"--dataset {args.dataset} needs --features (embeddings .npz) or --data-root (train.csv, test.csv)")
+    if args.split is None and args.num_labeled is None:
+        p.error("give --split FILE or --num-labeled N")
+    for name in ("lr", "epochs"):
+        if not getattr(args, name) > 0:
+            p.error(f"--{name} must be > 0")
+    if args.batch_size < 1 or args.unlabeled_weight < 0 or args.label_weight < 0:
+        p.error("--batch-size must be >= 1 and the loss weights >= 0")
+    args.run_dir = args.run_dir or os.path.join("runs", f"tabular_{args.dataset}_s{args.seed}")
+    return args
+
+
+def load_data(args) -> T.TabularData:
+    if args.dataset == "miniboone":
+        return T.load_miniboone(args.data_root)
+    if args.dataset == "hepmass":
+        return T.load_hepmass(args.data_root)
+    if args.dataset in ("digits", "breast_cancer"):
+        return T.load_sklearn(args.dataset)
+    if args.dataset in ("ag_news", "yahoo_answers") and args.features is None:
+        from flowgmm_fast.data.text import embed_cached, load_text_dataset
+
+        arrays = []
+        for split in ("train", "test"):
+            texts, y = load_text_dataset(args.data_root, args.dataset, split)
+            arrays += embed_cached(texts, y, os.path.join(args.data_root, f"embeddings_{split}.npz"),
+                                   progress=not args.no_progress)
+        return T.TabularData(*arrays, args.dataset).standardized()
+    label_column = int(args.label_column) if args.label_column.lstrip("-").isdigit() else args.label_column
+    x, y, xt, yt = T.load_features(args.features, label_column)
+    if xt is None:
+        if args.test_fraction is None:
+            raise SystemExit(f"{args.features} has no test set: add x_test/y_test to the npz or pass --test-fraction")
+        x, y, xt, yt = T.train_test_split_stratified(x, y, args.test_fraction, seed=0)
+    return T.TabularData(x, y, xt, yt, args.dataset).standardized()
+
+
+class Batches:
+    """All labeled points + ``batch_size`` unlabeled points per step; the unlabeled order of epoch e is a permutation
+    drawn from a generator seeded with (seed, e), so ``batches(start_step)`` replays an uninterrupted run exactly."""
+
+    def __init__(self, x, labels, batch_size: int, seed: int):
+        self.x, self.labels = x, labels
+        self.lab = torch.nonzero(labels >= 0).squeeze(1)
+        self.unl = torch.nonzero(labels < 0).squeeze(1)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.steps_per_epoch = max(1, math.ceil(self.unl.numel() / batch_size))
+
+    def __call__(self, start_step: int):
+        step = start_step
+        while True:
+            epoch, pos = divmod(step, self.steps_per_epoch)
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            perm = self.unl[torch.randperm(self.unl.numel(), generator=gen)]
+            idx = torch.cat([self.lab, perm[pos * self.batch_size:(pos + 1) * self.batch_size]])
+            step += 1
+            yield self.x[idx], self.labels[idx]
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seed_everything(args.seed)
+    data = load_data(args)
+    if args.max_train is not None:
+        data = T.TabularData(data.x_train[:args.max_train], data.y_train[:args.max_train], data.x_test, data.y_test,
+                             data.name, data.scaler)
+    if args.split is not None:
+        labeled_idx = T.load_split(args.split, num_train=data.x_train.shape[0])
+    else:
+        labeled_idx = T.balanced_labeled_indices(data.y_train, args.num_labeled, seed=args.seed)
+    labels_np = T.semisup_labels(data.y_train, labeled_idx)
+    device = torch.device(args.device)
+    x = torch.from_numpy(data.x_train).to(device)
+    labels = torch.from_numpy(labels_np).to(device)
+    x_test, y_test = torch.from_numpy(data.x_test).to(device), torch.from_numpy(data.y_test).to(device)
+
+    model = build_tabular_flowgmm(data.dim, data.num_classes, num_coupling_layers=args.num_coupling_layers,
+                                  hidden_dim=args.hidden_dim, num_layers=args.num_layers, dropout=args.dropout,
+                                  seed=args.seed).to(device)
+    if args.means_init == "labeled":
+        init_means_from_labeled(model, x, labels)
+    batches = Batches(x, labels, args.batch_size, args.seed)
+    max_steps = args.max_steps or max(1, int(round(args.epochs * batches.steps_per_epoch)))
+    # AdamW decays every trainable weight here (the original tabular trainer), not only the weight-norm gains
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                            weight_decay=args.weight_decay)
+    sched = make_lr_scheduler(opt, "cosine", total_steps=max_steps)
+    os.makedirs(args.run_dir, exist_ok=True)
+    logger = TrainLogger(args.run_dir, progress_bar=not args.no_progress)
+    trainer = Trainer(model, {"flow": opt}, schedulers={"flow": sched}, steps_per_epoch=batches.steps_per_epoch,
+                      max_grad_norm=args.max_grad_norm, ckpt_path=os.path.join(args.run_dir, "last.pt"),
+                      logger=logger, extra_state=lambda: {"args": vars(args), "labeled_idx": labeled_idx.tolist()})
+    if args.resume:
+        extra = trainer.resume()
+        if extra.get("labeled_idx") != labeled_idx.tolist():
+            raise SystemExit("--resume: the checkpoint was trained on a different labeled split")
+
+    def compute_loss(batch, _trainer):
+        xb, lb = batch
+        loss, parts, _ = semisup_loss(model, xb, lb, label_weight=args.label_weight,
+                                      unlabeled_weight=args.unlabeled_weight)
+        return loss, parts
+
+    @torch.no_grad()
+    def evaluate(_trainer):
+        model.eval()
+        pred = torch.cat([model.predict(x_test[i:i + 10000]) for i in range(0, x_test.shape[0], 10000)])
+        test_nll = torch.cat([model.nll(x_test[i:i + 10000]) for i in range(0, x_test.shape[0], 10000)])
+        return {"test_accuracy": float((pred == y_test).float().mean()), "test_nll": float(test_nll.mean())}
+
+    stop = max_steps if args.stop_at is None else min(args.stop_at, max_steps)
+    metrics = trainer.fit(batches, compute_loss, max_steps=stop, log_every=args.log_every,
+                          eval_every=args.eval_every, save_every=args.save_every, evaluate=evaluate)
+    result = {"dataset": args.dataset, "seed": args.seed, "labels": int(labeled_idx.size), "steps": trainer.step,
+              "epochs": trainer.epoch, "dim": data.dim, "classes": data.num_classes, **metrics}
+    with open(os.path.join(args.run_dir, "metrics.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)
