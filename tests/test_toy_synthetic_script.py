@@ -1,0 +1,30 @@
+"""experiments/synthetic.py in its quick mode on one data set: the figure and the accuracy table are written."""
+
+import importlib.util
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytest.importorskip("matplotlib")
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("synthetic", os.path.join(ROOT, "experiments", "synthetic.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_synthetic_quick(tmp_path, capsys):
+    assert _script().main(["--quick", "--datasets", "eight_gaussians", "--out", str(tmp_path), "--no-progress"]) == 0
+    png = tmp_path / "eight_gaussians.png"
+    assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
+    table = (tmp_path / "synthetic.md").read_text()
+    assert "| eight_gaussians | 16 |" in table and "| eight_gaussians | 16 |" in capsys.readouterr().out
+
+
+def test_synthetic_rejects_bad_steps():
+    with pytest.raises(SystemExit):
+        _script().parse_args(["--steps", "0"])
