@@ -7,7 +7,8 @@ Configs (``--suite gpu``: the paper's sizes):
   tabular  RealNVPTabular(768, 7 couplings, hidden 1024, dropout 0.5), batch 5000, K=4 (AG-News text embeddings)
 ``--suite cpu`` scales them down to run on a 2-core CPU in minutes -- the ``-cpu`` configs below say how; their step
 times are NOT those of the paper's models: mnist-cpu and cifar-cpu (mid_channels 16, num_blocks 2, batch 16),
-tabular-cpu (hidden 256, batch 1000). Half of each batch is labeled, half unlabeled (label -1), as in the original.
+tabular-cpu (hidden 256, batch 1000); the image ones skip the torch.compile variants (compiling a whole RealNVP step
+takes minutes on 2 cores). Half of each batch is labeled, half unlabeled (label -1), as in the original.
 
 Variants: ``eager``; ``compile`` (``torch.compile`` of the loss: forward + prior; backward through AOTAutograd);
 on CUDA also ``cudagraph`` (the whole eager step -- forward, backward, clip, Adam -- captured once in a CUDA graph and
@@ -54,6 +55,7 @@ class StepConfig:
     hidden_dim: int = 1024
     num_couplings: int = 7
     note: str = ""
+    compile_variants: bool = True
 
     def build(self) -> FlowGMM:
         if self.kind == "image":
@@ -81,9 +83,13 @@ CONFIGS = {
     "cifar": StepConfig("cifar", "image", (3, 32, 32), 64, 10),
     "tabular": StepConfig("tabular", "tabular", (768,), 5000, 4),
     "mnist-cpu": StepConfig("mnist-cpu", "image", (1, 28, 28), 16, 10, mid_channels=16, num_blocks=2,
-                            note="scaled down for the CPU: mid_channels 16, num_blocks 2, batch 16"),
+                            note="scaled down for the CPU: mid_channels 16, num_blocks 2, batch 16; no torch.compile "
+                                 "variants (compiling the whole RealNVP step takes minutes on 2 cores)",
+                            compile_variants=False),
     "cifar-cpu": StepConfig("cifar-cpu", "image", (3, 32, 32), 16, 10, mid_channels=16, num_blocks=2,
-                            note="scaled down for the CPU: mid_channels 16, num_blocks 2, batch 16"),
+                            note="scaled down for the CPU: mid_channels 16, num_blocks 2, batch 16; no torch.compile "
+                                 "variants (compiling the whole RealNVP step takes minutes on 2 cores)",
+                            compile_variants=False),
     "tabular-cpu": StepConfig("tabular-cpu", "tabular", (768,), 1000, 4, hidden_dim=256,
                               note="scaled down for the CPU: hidden 256, batch 1000"),
     "smoke-image": StepConfig("smoke-image", "image", (1, 4, 4), 4, 3, mid_channels=4, num_blocks=1, note="smoke"),
@@ -132,7 +138,7 @@ class Runner:
         torch.manual_seed(1)
         with flowgmm_fast.use_backend(self.backend_name):
             if self.variant != "cudagraph":
-                self.loss_first = float(self._eager_step())
+                self.loss_first = float(self._eager_step().detach())
                 self._eager_step()
                 return
             # whole-step capture (PyTorch's documented recipe): warm up on a side stream, then capture
@@ -142,7 +148,7 @@ class Runner:
                 for i in range(3):
                     loss = self._eager_step()
                     if i == 0:
-                        self.loss_first = float(loss)
+                        self.loss_first = float(loss.detach())
             torch.cuda.current_stream().wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
             self.opt.zero_grad(set_to_none=True)
@@ -172,32 +178,37 @@ def variants_for(device: torch.device, with_compile: bool) -> list[str]:
 
 
 def run_config(cfg: StepConfig, device: torch.device, backends: list[str], variants: list[str], *,
-               cpu_rounds: int, cuda_rep_ms: int) -> list[dict]:
-    """Time every (backend, variant) of ``cfg``; one record each (failures are recorded, not raised)."""
+               cpu_rounds: int, cuda_rep_ms: int, deadline: float | None = None) -> list[dict]:
+    """Time every (backend, variant) of ``cfg``; one record each (failures are recorded, not raised). Runners are
+    set up eager ones first; past ``deadline`` (a time.monotonic() value) no further runner is set up."""
     runners: dict[str, Runner] = {}
     records: dict[str, dict] = {}
-    for backend in ["torch", *backends, "original"]:
-        for variant in (["eager"] if backend == "original" else variants):
-            key = f"{backend}/{variant}"
-            rec = {"config": cfg.name, "note": cfg.note, "batch": cfg.batch, "shape": list(cfg.shape),
-                   "backend": backend, "variant": variant}
-            records[key] = rec
-            try:
-                runner = Runner(cfg, backend, variant, device)
-                t0 = time.perf_counter()
-                rec["peak_mb"] = common.peak_memory_mb(runner.setup, device)
-                common.sync(device)
-                rec["setup_s"] = time.perf_counter() - t0
-                rec["loss_first"] = runner.loss_first
-                runners[key] = runner
-            except Exception as exc:  # e.g. a graph break under capture: recorded, the other variants still run
-                rec["error"] = common.error_text(exc)
+    order = [(b, v) for v in variants for b in ["torch", *backends]]
+    order.insert(len(backends) + 1, ("original", "eager"))
+    for backend, variant in order:
+        key = f"{backend}/{variant}"
+        rec = {"config": cfg.name, "note": cfg.note, "batch": cfg.batch, "shape": list(cfg.shape),
+               "backend": backend, "variant": variant}
+        records[key] = rec
+        if deadline is not None and time.monotonic() > deadline:
+            rec["error"] = "not run: the run's deadline was reached"
+            continue
+        try:
+            runner = Runner(cfg, backend, variant, device)
+            t0 = time.perf_counter()
+            rec["peak_mb"] = common.peak_memory_mb(runner.setup, device)
+            common.sync(device)
+            rec["setup_s"] = time.perf_counter() - t0
+            rec["loss_first"] = runner.loss_first
+            runners[key] = runner
+        except Exception as exc:  # e.g. a graph break under capture: recorded, the other variants still run
+            rec["error"] = common.error_text(exc)
     if device.type == "cuda":
         for key, runner in runners.items():
             peak = common.peak_memory_mb(runner.step, device)
             records[key]["peak_mb"] = max(records[key]["peak_mb"] or 0.0, peak)
-    stats = common.time_fns({k: r.step for k, r in runners.items()}, device, cpu_rounds=cpu_rounds,
-                            cuda_rep_ms=cuda_rep_ms)
+    stats = common.time_fns({k: r.step for k, r in runners.items()}, device, cpu_rounds=cpu_rounds, cpu_warmup=0,
+                            cuda_rep_ms=cuda_rep_ms)  # setup() already ran two steps
     eager = stats.get("torch/eager", {}).get("median_ms")
     original = stats.get("original/eager", {}).get("median_ms")
     for key, st in stats.items():
@@ -235,8 +246,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=5, help="CPU: side-by-side rounds per config")
     p.add_argument("--rep-ms", type=int, default=500, help="CUDA: do_bench repetition time per variant (ms)")
     p.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results)")
+    p.add_argument("--variants", default=None,
+                   help="comma-separated subset of eager,compile (and cudagraph,compile+cudagraph on CUDA)")
     p.add_argument("--no-write", action="store_true", help="print only, write no results file")
+    p.add_argument("--deadline-s", type=float, default=None,
+                   help="set up no new runner after this many seconds; the records say what was not run")
     args = p.parse_args(argv)
+    started = time.monotonic()
+    deadline = None if args.deadline_s is None else started + args.deadline_s
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -256,14 +273,27 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"# {meta['device']} | torch {meta['torch']} | commit {str(meta['git_commit'])[:8]} | backends {backends}",
           flush=True)
     variants = variants_for(device, not args.no_compile)
+    if args.variants is not None:
+        asked = [v.strip() for v in args.variants.split(",") if v.strip()]
+        bad = [v for v in asked if v not in variants_for(device, True)]
+        if bad:
+            raise SystemExit(f"--variants: {bad} not available on {device.type}; expected some of "
+                             f"{variants_for(device, True)}")
+        variants = [v for v in variants if v in asked]
+    if "eager" not in variants:
+        variants.insert(0, "eager")  # the reference every ratio is taken against
     records: list[dict] = []
     for i, name in enumerate(names):
-        recs = run_config(CONFIGS[name], device, backends, variants, cpu_rounds=args.rounds, cuda_rep_ms=args.rep_ms)
+        cfg = CONFIGS[name]
+        cfg_variants = variants if cfg.compile_variants else [v for v in variants if "compile" not in v]
+        recs = run_config(cfg, device, backends, cfg_variants, cpu_rounds=args.rounds, cuda_rep_ms=args.rep_ms,
+                          deadline=deadline)
         print_table(recs, header=i == 0)
         records += recs
     result = {"meta": meta, "suite": suite_name, "records": records}
     if not args.no_write:
-        path = common.write_results("train_step", meta, records, args.out_dir, extra={"suite": suite_name, "backends_timed": backends})
+        extra = {"suite": suite_name, "backends_timed": backends, "wall_s": time.monotonic() - started}
+        path = common.write_results("train_step", meta, records, args.out_dir, extra=extra)
         print(f"# wrote {path}")
         result["path"] = str(path)
     return result

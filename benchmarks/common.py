@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import gc
+import importlib
 import json
 import math
 import os
@@ -137,11 +138,11 @@ def time_cuda(fn: Callable[[], object], *, warmup_ms: int = 25, rep_ms: int = 10
 
 
 def time_fns(fns: dict[str, Callable[[], object]], device: torch.device, *, cpu_rounds: int = 15,
-             cpu_budget_s: float | None = None, cuda_rep_ms: int = 100) -> dict[str, dict]:
+             cpu_budget_s: float | None = None, cpu_warmup: int = 2, cuda_rep_ms: int = 100) -> dict[str, dict]:
     """Time each callable on ``device`` with the device's timer (do_bench on CUDA, side by side on the CPU)."""
     if device.type == "cuda":
         return {name: time_cuda(fn, rep_ms=cuda_rep_ms) for name, fn in fns.items()}
-    return time_interleaved(fns, rounds=cpu_rounds, budget_s=cpu_budget_s)
+    return time_interleaved(fns, warmup=cpu_warmup, rounds=cpu_rounds, budget_s=cpu_budget_s)
 
 
 # ------------------------------------------------------------------------------------------------- memory, bandwidth
@@ -195,7 +196,7 @@ def run_metadata(device: torch.device, argv: list[str] | None = None) -> dict:
     native_build = None
     if _backend.unavailable_reason("native") is None:
         try:
-            native_build = dict(flowgmm_fast._C.build_info())
+            native_build = dict(importlib.import_module("flowgmm_fast._C").build_info())
         except Exception as exc:  # build_info is optional metadata; a failure is recorded, not fatal
             native_build = {"error": f"{type(exc).__name__}: {exc}"}
     status = _git("status", "--porcelain", "--untracked-files=no")
@@ -210,6 +211,7 @@ def run_metadata(device: torch.device, argv: list[str] | None = None) -> dict:
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "python": platform.python_version(),
         "cpu_threads": torch.get_num_threads(),
+        "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "flowgmm_fast": flowgmm_fast.__version__,
         "backends_available": flowgmm_fast.available_backends(),
         "backend_reasons": {b: _backend.unavailable_reason(b) for b in ("triton", "native")},

@@ -292,8 +292,10 @@ def _section(tag: str, runs: dict, full: bool, png: Path | None, rel_to: Path) -
     return "\n".join(parts)
 
 
-def build(results_dir: Path, readme: Path | None, write_readme: bool = True, out=sys.stdout) -> dict:
-    """Write report.md and the PNGs under ``results_dir``; update (or print) the README block. Returns the paths."""
+def build(results_dir: Path, readme: Path | None, write_readme: bool = True, out=None) -> dict:
+    """Write report.md and the PNGs under ``results_dir``; update (or print to ``out``, default stdout) the README
+    block. Returns the paths, whether the README was updated, and the block."""
+    out = sys.stdout if out is None else out
     results_dir = Path(results_dir)
     runs = newest_runs(results_dir)
     if not runs:

@@ -1,0 +1,169 @@
+"""Smoke tests of the benchmark harness (benchmarks/): the timers, the original-formulation baseline's values, the op
+and training-step benchmarks on tiny shapes, the results files and the report. Seconds on a CPU; the timings
+themselves are not checked (the machine is shared), only that they are well-formed and the outputs agree."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import pytest
+import torch
+
+from benchmarks import bench_ops, bench_train_step, common, report
+from benchmarks.baseline_original import OriginalFormulation, original_gmm_nll
+from flowgmm_fast.ops import reference as R
+
+CPU = torch.device("cpu")
+
+
+def test_summarize_quantiles():
+    s = common.summarize([5.0, 1.0, 4.0, 2.0, 3.0])
+    assert (s["median_ms"], s["q20_ms"], s["q80_ms"], s["n"]) == (3.0, 1.8, 4.2, 5)
+    with pytest.raises(ValueError, match="samples_ms"):
+        common.summarize([])
+
+
+def test_time_interleaved_times_each_callable():
+    stats = common.time_interleaved({"short": lambda: time.sleep(0.002), "long": lambda: time.sleep(0.004)},
+                                    warmup=1, rounds=3, sample_ms=5)
+    assert set(stats) == {"short", "long"}
+    assert stats["short"]["median_ms"] >= 2.0 and stats["long"]["median_ms"] >= 4.0
+    for s in stats.values():
+        assert s["q20_ms"] <= s["median_ms"] <= s["q80_ms"] and s["n"] == 3
+    with pytest.raises(ValueError, match="rounds"):
+        common.time_interleaved({"a": lambda: None}, rounds=0)
+
+
+def test_original_formulation_matches_closed_form():
+    g = torch.Generator().manual_seed(0)
+    b, d, k = 9, 7, 4
+    z = torch.randn(b, d, generator=g, dtype=torch.float64, requires_grad=True)
+    means = torch.randn(k, d, generator=g, dtype=torch.float64, requires_grad=True)
+    log_std = (0.2 * torch.randn(k, generator=g, dtype=torch.float64)).requires_grad_()
+    weights = torch.randn(k, generator=g, dtype=torch.float64)
+    labels = torch.tensor([-1, 0, 1, 2, 3, -1, 3, -1, 0])
+    ours = original_gmm_nll(z, means, log_std, weights, labels, 3.0)
+    ref = R.gmm_nll(z, means, log_std, weights, labels, 3.0)
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+    g1 = torch.autograd.grad(ours.sum(), (z, means, log_std))
+    g2 = torch.autograd.grad(ref.sum(), (z, means, log_std))
+    for a, r in zip(g1, g2):
+        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(original_gmm_nll(z, means, log_std), R.gmm_nll(z, means, log_std, None, None, 1.0))
+    with pytest.raises(ValueError, match="log_std must be"):
+        original_gmm_nll(z, means, torch.zeros(k, d, dtype=torch.float64))
+
+
+def test_original_formulation_model_checks_nans():
+    model = bench_train_step.CONFIGS["smoke-tabular"].build().eval()  # no dropout: two calls must agree
+    net = OriginalFormulation(model)
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(net(x), model(x).nll, rtol=1e-5, atol=1e-4)
+    with pytest.raises(RuntimeError, match="NaN"):
+        net(torch.full((4, 6), float("nan")))
+    net.remove_checks()
+    net(torch.full((4, 6), float("nan")))
+
+
+def test_min_bytes_counts_each_tensor_once():
+    n = 2 * 3 * 4 * 4
+    fwd = bench_ops.Case("coupling_fwd", "t", (2, 3, 4, 4), "checkerboard")
+    assert bench_ops.min_bytes(fwd) == 4 * n * 4 + 4 * (3 + 2 * 2)
+    assert bench_ops.min_bytes(bench_ops.Case("squeeze", "t", (2, 3, 4, 4))) == 2 * n * 4
+    assert bench_ops.min_bytes(bench_ops.Case("squeeze", "t", (2, 3, 4, 4), dtype="bfloat16")) == 2 * n * 2
+    with pytest.raises(ValueError, match="Case.op"):
+        bench_ops.Case("nope", "t", (1,))
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    ops = bench_ops.main(["--device", "cpu", "--suite", "smoke", "--no-compile", "--budget", "0.05", "--rounds", "3",
+                          "--out-dir", str(out)])
+    steps = bench_train_step.main(["--device", "cpu", "--suite", "smoke", "--no-compile", "--rounds", "2",
+                                   "--out-dir", str(out)])
+    return out, ops, steps
+
+
+def test_bench_ops_smoke_records(smoke_runs):
+    out, ops, _ = smoke_runs
+    data = common.load_results(ops["path"])
+    assert data["kind"] == "ops" and data["meta"]["device_type"] == "cpu" and data["copy_bandwidth"]["gbps"] > 0
+    for key in ("torch", "git_commit", "date_utc", "device", "backends_available"):
+        assert key in data["meta"]
+    recs = data["records"]
+    cases = {(c.op, c.name) for c in bench_ops.suite("smoke")}
+    assert {(r["op"], r["case"]) for r in recs} == cases
+    for r in recs:
+        assert "error" not in r, r
+        assert r["q20_ms"] <= r["median_ms"] <= r["q80_ms"] and r["gbps"] > 0
+        tol = 1e-5 if r["backend"] != bench_ops.ORIGINAL else 1e-4
+        assert r["rel_err_vs_eager"] <= tol, r
+        if r["backend"] == bench_ops.EAGER:
+            assert math.isclose(r["x_eager"], 1.0)
+    assert any(r["backend"] == bench_ops.ORIGINAL for r in recs if r["op"] == "gmm_fwdbwd")
+    assert {r["backend"] for r in recs} >= {bench_ops.EAGER, *bench_ops.fast_backends(CPU)}
+
+
+def test_bench_train_step_smoke_records(smoke_runs):
+    _, _, steps = smoke_runs
+    recs = common.load_results(steps["path"])["records"]
+    for cfg in bench_train_step.SUITES["smoke"]:
+        mine = {(r["backend"], r["variant"]): r for r in recs if r["config"] == cfg}
+        expected = {("torch", "eager"), ("original", "eager")} | {(b, "eager") for b in bench_ops.fast_backends(CPU)}
+        assert set(mine) == expected
+        for r in mine.values():
+            assert "error" not in r, r
+            assert r["q20_ms"] <= r["median_ms"] <= r["q80_ms"]
+        # same weights, data and seed: the original formulation and every backend give the reference's first loss
+        ref = mine[("torch", "eager")]["loss_first"]
+        assert math.isfinite(ref)
+        for r in mine.values():
+            assert math.isclose(r["loss_first"], ref, rel_tol=1e-4, abs_tol=1e-4), r
+
+
+def test_deadline_cuts_the_run_short(tmp_path):
+    res = bench_ops.main(["--device", "cpu", "--suite", "smoke", "--no-compile", "--deadline-s", "0",
+                          "--out-dir", str(tmp_path)])
+    assert res["records"] == [] and len(res["cases_not_run"]) == len(bench_ops.suite("smoke"))
+    assert json.loads(open(res["path"]).read())["cases_not_run"] == res["cases_not_run"]
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(SystemExit, match="--ops"):
+        bench_ops.main(["--device", "cpu", "--ops", "coupling_sideways", "--no-write"])
+    with pytest.raises(SystemExit, match="--configs"):
+        bench_train_step.main(["--device", "cpu", "--configs", "imagenet", "--no-write"])
+    with pytest.raises(ValueError, match="suite"):
+        bench_ops.suite("huge")
+
+
+def test_report_writes_tables_plot_and_readme_block(smoke_runs, tmp_path, capsys):
+    out, _, _ = smoke_runs
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\nbefore\n\n{report.START}\nstale\n{report.END}\n\nafter\n")
+    result = report.build(out, readme)
+    text = readme.read_text()
+    assert result["readme_updated"] and "stale" not in text
+    assert text.startswith("# title\n\nbefore\n\n" + report.START) and text.endswith(report.END + "\n\nafter\n")
+    assert "| op | case (shape) | torch-eager" in text and "Training step" in text and "perf_cpu.png" in text
+    assert (out / "perf_cpu.png").stat().st_size > 1000
+    full = (out / "report.md").read_text()
+    assert "gmm_fwdbwd" in full and "original-fullcov" in full and "smoke-tabular" in full
+    # without the markers: README untouched, the block printed
+    plain = tmp_path / "PLAIN.md"
+    plain.write_text("# no markers\n")
+    result = report.build(out, plain)
+    assert not result["readme_updated"] and plain.read_text() == "# no markers\n"
+    assert report.START in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_compile_candidate_agrees_with_eager():
+    case = bench_ops.Case("coupling_fwdbwd", "tiny", (2, 2, 4, 4), "checkerboard")
+    recs = bench_ops.run_case(case, CPU, [], True, 1.0, 0.05, 3, 10)
+    by = {r["backend"]: r for r in recs}
+    assert "error" not in by[bench_ops.COMPILE], by[bench_ops.COMPILE]
+    assert by[bench_ops.COMPILE]["rel_err_vs_eager"] < 1e-5 and math.isclose(by[bench_ops.COMPILE]["x_compile"], 1.0)
