@@ -43,6 +43,14 @@ inline at::ScalarType acc_dtype(at::ScalarType a) { return a == at::kDouble ? at
   }
 
 FLOWGMM_DECLARE_OPS(cpu)
+
+// CPU hot loops for float32 are compiled once per ISA (AVX-512, AVX2, baseline) and picked at load time (ifunc);
+// the per-element math (flowgmm_math.h) is always_inline so each clone vectorises it for its ISA.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
+#define FLOWGMM_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FLOWGMM_CPU_CLONES
+#endif
 #if defined(FLOWGMM_WITH_CUDA)
 FLOWGMM_DECLARE_OPS(cuda)
 #endif

@@ -15,32 +15,43 @@ namespace flowgmm {
 namespace cpu {
 namespace {
 
-// Loop modes: rows (b, c) with the inner loop over positions (images: no mask, dense mask, checkerboard), or for
-// vectors (S == 1) rows b with the inner loop over channels (per-element scale and mask).
-enum Mode { kNoMask = 0, kDense = 1, kChecker = 2, kVecNoMask = 3, kVecDense = 4 };
+// Loop modes: rows (b, c) with the inner loop over the S positions (no mask, or a mask row: the dense mask's, or the
+// checkerboard's (S,) pattern, generated once per call and shared by all channels), or for vectors (S == 1) rows b
+// with the inner loop over channels (per-element scale and mask).
+enum Mode { kNoMask = 0, kDense = 1, kVecNoMask = 2, kVecDense = 3 };
 
 struct Geometry {
-  int64_t B, C, S, H, W;  // S = H * W positions per channel; H = 1 unless checkerboard
+  int64_t B, C, S;  // S = positions per channel
 };
 
-Geometry geometry(const Tensor& x, int64_t parity) {
+Geometry geometry(const Tensor& x) {
   Geometry g;
   g.B = x.size(0);
   g.C = x.size(1);
   g.S = 1;
   for (int64_t d = 2; d < x.dim(); ++d) g.S *= x.size(d);
-  g.H = parity >= 0 ? x.size(2) : 1;
-  g.W = parity >= 0 ? x.size(3) : g.S;
   return g;
 }
 
 int64_t grain_rows(int64_t S) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, S)); }
 
-template <typename scalar_t, typename acc, int kMode>
-inline acc keep_at(const scalar_t* mask_row, int64_t h, int64_t w, int64_t W, int parity) {
-  if (kMode == kDense) return static_cast<acc>(mask_row[h * W + w]);
-  if (kMode == kChecker) return static_cast<acc>(math::checker_keep(h, w, parity));
-  return acc(0);
+// The mask rows: the dense (C, S) mask, or the checkerboard's (S,) pattern over (H, W) (for S == 1, vector mode,
+// its single value repeated over the C channels); undefined without a mask.
+template <typename scalar_t>
+Tensor mask_rows(const OptTensor& mask, int64_t parity, const Tensor& x) {
+  if (mask) return mask->to(x.scalar_type()).contiguous();
+  if (parity < 0) return Tensor();
+  const int64_t H = x.size(2), W = x.size(3);
+  const bool vec = H * W == 1;
+  Tensor pattern = at::empty({vec ? x.size(1) : H * W}, x.options());
+  scalar_t* p = pattern.data_ptr<scalar_t>();
+  if (vec) {
+    for (int64_t c = 0; c < x.size(1); ++c) p[c] = static_cast<scalar_t>(math::checker_keep(0, 0, parity));
+    return pattern;
+  }
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t w = 0; w < W; ++w) p[h * W + w] = static_cast<scalar_t>(math::checker_keep(h, w, parity));
+  return pattern;
 }
 
 template <typename scalar_t>
@@ -50,7 +61,7 @@ struct Args {
   const acc *scale, *gl;                  // gl: backward only (nullptr = zero)
   scalar_t *y, *gx, *gs, *gt;             // y: forward; gx, gs, gt: backward
   acc* row_red;                           // per row (b, c): log-det (forward) or scale gradient (backward)
-  int parity;
+  int64_t mask_cstride;                   // S for a (C, S) mask, 0 for the shared checkerboard pattern
   Geometry g;
 };
 
@@ -82,20 +93,18 @@ inline __attribute__((always_inline)) void forward_range(const Args<scalar_t>& a
   for (int64_t r = begin; r < end; ++r) {
     const int64_t c = r % g.C;
     const acc sc = kScale ? a.scale[c] : acc(0);
-    const scalar_t* mrow = kMode == kDense ? a.mask + c * g.S : nullptr;
+    const scalar_t* mrow = kMode == kDense ? a.mask + c * a.mask_cstride : nullptr;
+    const int64_t o = r * g.S;
+    const scalar_t *xr = a.x + o, *sr = a.s + o, *tr = a.t + o;
+    scalar_t* yr = a.y + o;
     acc ldj = 0;
-    for (int64_t h = 0; h < g.H; ++h) {
-      const int64_t o = r * g.S + h * g.W;
-      const scalar_t *xr = a.x + o, *sr = a.s + o, *tr = a.t + o;
-      scalar_t* yr = a.y + o;
 #pragma omp simd reduction(+ : ldj)
-      for (int64_t w = 0; w < g.W; ++w) {
-        acc s_m;
-        const acc keep = keep_at<scalar_t, acc, kMode>(mrow, h, w, g.W, a.parity);
-        yr[w] = static_cast<scalar_t>(math::coupling_forward<acc, kScale, kReverse>(
-            static_cast<acc>(xr[w]), static_cast<acc>(sr[w]), static_cast<acc>(tr[w]), sc, keep, s_m));
-        ldj += s_m;
-      }
+    for (int64_t w = 0; w < g.S; ++w) {
+      acc s_m;
+      const acc keep = kMode == kDense ? static_cast<acc>(mrow[w]) : acc(0);
+      yr[w] = static_cast<scalar_t>(math::coupling_forward<acc, kScale, kReverse>(
+          static_cast<acc>(xr[w]), static_cast<acc>(sr[w]), static_cast<acc>(tr[w]), sc, keep, s_m));
+      ldj += s_m;
     }
     a.row_red[r] = ldj;
   }
@@ -134,23 +143,21 @@ inline __attribute__((always_inline)) void backward_range(const Args<scalar_t>& 
     const int64_t b = r / g.C, c = r % g.C;
     const acc sc = kScale ? a.scale[c] : acc(0);
     const acc glb = a.gl ? a.gl[b] : acc(0);
-    const scalar_t* mrow = kMode == kDense ? a.mask + c * g.S : nullptr;
+    const scalar_t* mrow = kMode == kDense ? a.mask + c * a.mask_cstride : nullptr;
+    const int64_t o = r * g.S;
+    const scalar_t *gyr = a.gy + o, *xr = a.x + o, *sr = a.s + o, *tr = a.t + o;
+    scalar_t *gxr = a.gx + o, *gsr = a.gs + o, *gtr = a.gt + o;
     acc gscale = 0;
-    for (int64_t h = 0; h < g.H; ++h) {
-      const int64_t o = r * g.S + h * g.W;
-      const scalar_t *gyr = a.gy + o, *xr = a.x + o, *sr = a.s + o, *tr = a.t + o;
-      scalar_t *gxr = a.gx + o, *gsr = a.gs + o, *gtr = a.gt + o;
 #pragma omp simd reduction(+ : gscale)
-      for (int64_t w = 0; w < g.W; ++w) {
-        acc vx, vs, vt;
-        const acc keep = keep_at<scalar_t, acc, kMode>(mrow, h, w, g.W, a.parity);
-        gscale += math::coupling_backward<acc, kScale, kReverse>(static_cast<acc>(gyr[w]), glb,
-                                                                 static_cast<acc>(xr[w]), static_cast<acc>(sr[w]),
-                                                                 static_cast<acc>(tr[w]), sc, keep, vx, vs, vt);
-        gxr[w] = static_cast<scalar_t>(vx);
-        gsr[w] = static_cast<scalar_t>(vs);
-        gtr[w] = static_cast<scalar_t>(vt);
-      }
+    for (int64_t w = 0; w < g.S; ++w) {
+      acc vx, vs, vt;
+      const acc keep = kMode == kDense ? static_cast<acc>(mrow[w]) : acc(0);
+      gscale += math::coupling_backward<acc, kScale, kReverse>(static_cast<acc>(gyr[w]), glb, static_cast<acc>(xr[w]),
+                                                               static_cast<acc>(sr[w]), static_cast<acc>(tr[w]), sc,
+                                                               keep, vx, vs, vt);
+      gxr[w] = static_cast<scalar_t>(vx);
+      gsr[w] = static_cast<scalar_t>(vs);
+      gtr[w] = static_cast<scalar_t>(vt);
     }
     if (kScale) a.row_red[r] = gscale;
   }
@@ -159,26 +166,22 @@ inline __attribute__((always_inline)) void backward_range(const Args<scalar_t>& 
 // flags (scale given, reverse, mask mode) -> template parameters; a switch rather than generic lambdas so that the
 // float instantiations below are inlined into (and vectorised for) each ISA clone
 #define FLOWGMM_FLAG_CASES(FN, T)                       \
-  switch ((has_scale ? 10 : 0) + (reverse ? 5 : 0) + mode) { \
+  switch ((has_scale ? 8 : 0) + (reverse ? 4 : 0) + mode) { \
     case 0: FN<T, false, false, kNoMask>(a, begin, end); break; \
     case 1: FN<T, false, false, kDense>(a, begin, end); break; \
-    case 2: FN<T, false, false, kChecker>(a, begin, end); break; \
-    case 3: FN<T, false, false, kVecNoMask>(a, begin, end); break; \
-    case 4: FN<T, false, false, kVecDense>(a, begin, end); break; \
-    case 5: FN<T, false, true, kNoMask>(a, begin, end); break; \
-    case 6: FN<T, false, true, kDense>(a, begin, end); break; \
-    case 7: FN<T, false, true, kChecker>(a, begin, end); break; \
-    case 8: FN<T, false, true, kVecNoMask>(a, begin, end); break; \
-    case 9: FN<T, false, true, kVecDense>(a, begin, end); break; \
-    case 10: FN<T, true, false, kNoMask>(a, begin, end); break; \
-    case 11: FN<T, true, false, kDense>(a, begin, end); break; \
-    case 12: FN<T, true, false, kChecker>(a, begin, end); break; \
-    case 13: FN<T, true, false, kVecNoMask>(a, begin, end); break; \
-    case 14: FN<T, true, false, kVecDense>(a, begin, end); break; \
-    case 15: FN<T, true, true, kNoMask>(a, begin, end); break; \
-    case 16: FN<T, true, true, kDense>(a, begin, end); break; \
-    case 17: FN<T, true, true, kChecker>(a, begin, end); break; \
-    case 18: FN<T, true, true, kVecNoMask>(a, begin, end); break; \
+    case 2: FN<T, false, false, kVecNoMask>(a, begin, end); break; \
+    case 3: FN<T, false, false, kVecDense>(a, begin, end); break; \
+    case 4: FN<T, false, true, kNoMask>(a, begin, end); break; \
+    case 5: FN<T, false, true, kDense>(a, begin, end); break; \
+    case 6: FN<T, false, true, kVecNoMask>(a, begin, end); break; \
+    case 7: FN<T, false, true, kVecDense>(a, begin, end); break; \
+    case 8: FN<T, true, false, kNoMask>(a, begin, end); break; \
+    case 9: FN<T, true, false, kDense>(a, begin, end); break; \
+    case 10: FN<T, true, false, kVecNoMask>(a, begin, end); break; \
+    case 11: FN<T, true, false, kVecDense>(a, begin, end); break; \
+    case 12: FN<T, true, true, kNoMask>(a, begin, end); break; \
+    case 13: FN<T, true, true, kDense>(a, begin, end); break; \
+    case 14: FN<T, true, true, kVecNoMask>(a, begin, end); break; \
     default: FN<T, true, true, kVecDense>(a, begin, end); break; \
   }
 
@@ -191,18 +194,13 @@ void backward_dispatch(const Args<scalar_t>& a, bool has_scale, bool reverse, in
   FLOWGMM_FLAG_CASES(backward_range, scalar_t)
 }
 
-// float32, the hot path: one clone per ISA (AVX-512, AVX2, baseline), picked once at load time (ifunc)
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FLOWGMM_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FLOWGMM_CLONES
-#endif
+// float32, the hot path: one clone per ISA (FLOWGMM_CPU_CLONES, ops.h)
 
-FLOWGMM_CLONES void forward_dispatch_f32(const Args<float>& a, bool has_scale, bool reverse, int mode, int64_t begin,
+FLOWGMM_CPU_CLONES void forward_dispatch_f32(const Args<float>& a, bool has_scale, bool reverse, int mode, int64_t begin,
                                          int64_t end) {
   FLOWGMM_FLAG_CASES(forward_range, float)
 }
-FLOWGMM_CLONES void backward_dispatch_f32(const Args<float>& a, bool has_scale, bool reverse, int mode,
+FLOWGMM_CPU_CLONES void backward_dispatch_f32(const Args<float>& a, bool has_scale, bool reverse, int mode,
                                           int64_t begin, int64_t end) {
   FLOWGMM_FLAG_CASES(backward_range, float)
 }
@@ -222,10 +220,9 @@ void run(bool forward, const Args<scalar_t>& a, bool has_scale, bool reverse, in
   });
 }
 
-int loop_mode(const OptTensor& mask, int64_t parity, const Geometry& g) {
-  if (parity >= 0) return kChecker;
-  if (g.S == 1) return mask ? kVecDense : kVecNoMask;
-  return mask ? kDense : kNoMask;
+int loop_mode(bool masked, const Geometry& g) {
+  if (g.S == 1) return masked ? kVecDense : kVecNoMask;
+  return masked ? kDense : kNoMask;
 }
 
 }  // namespace
@@ -233,14 +230,13 @@ int loop_mode(const OptTensor& mask, int64_t parity, const Geometry& g) {
 std::tuple<Tensor, Tensor> coupling_fwd(const Tensor& x_, const Tensor& s_, const Tensor& t_, const OptTensor& scale,
                                         const OptTensor& mask, int64_t parity, bool reverse, const OptTensor& sldj) {
   const Tensor x = x_.contiguous(), s = s_.contiguous(), t = t_.contiguous();
-  const Geometry g = geometry(x, parity);
+  const Geometry g = geometry(x);
   const auto acc_t = acc_dtype(x.scalar_type());
   const auto out_t = ldj_dtype(x.scalar_type(), sldj ? sldj->scalar_type() : at::kFloat);
   Tensor y = at::empty_like(x);
-  Tensor row_ldj = at::empty({g.B, g.S == 1 && parity < 0 ? 1 : g.C}, x.options().dtype(acc_t));
+  Tensor row_ldj = at::empty({g.B, g.S == 1 ? 1 : g.C}, x.options().dtype(acc_t));
   const Tensor scale_c = scale ? scale->to(acc_t).contiguous() : Tensor();
-  const Tensor mask_c = mask ? mask->to(x.scalar_type()).contiguous() : Tensor();
-  const int mode = loop_mode(mask, parity, g);
+  const int mode = loop_mode(mask.has_value() || parity >= 0, g);
   if (x.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "coupling_fwd_cpu", [&] {
       using acc = at::opmath_type<scalar_t>;
@@ -248,11 +244,12 @@ std::tuple<Tensor, Tensor> coupling_fwd(const Tensor& x_, const Tensor& s_, cons
       a.x = x.data_ptr<scalar_t>();
       a.s = s.data_ptr<scalar_t>();
       a.t = t.data_ptr<scalar_t>();
-      a.mask = mask ? mask_c.data_ptr<scalar_t>() : nullptr;
+      const Tensor mask_c = mask_rows<scalar_t>(mask, parity, x);
+      a.mask = mask_c.defined() ? mask_c.data_ptr<scalar_t>() : nullptr;
+      a.mask_cstride = mask ? g.S : 0;
       a.scale = scale ? scale_c.data_ptr<acc>() : nullptr;
       a.y = y.data_ptr<scalar_t>();
       a.row_red = row_ldj.data_ptr<acc>();
-      a.parity = static_cast<int>(parity);
       a.g = g;
       run(true, a, scale.has_value(), reverse, mode);
     });
@@ -271,7 +268,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> coupling_bwd(const Tensor& grad_y, co
                                                         bool reverse) {
   const Tensor x = x_.contiguous(), s = s_.contiguous(), t = t_.contiguous();
   const Tensor gy = grad_y.to(x.scalar_type()).contiguous();
-  const Geometry g = geometry(x, parity);
+  const Geometry g = geometry(x);
   const auto acc_t = acc_dtype(x.scalar_type());
   const Tensor gl = grad_sldj ? grad_sldj->to(acc_t).contiguous() : Tensor();
   Tensor gx = at::empty_like(x), gs = at::empty_like(x), gt = at::empty_like(x);
@@ -279,8 +276,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> coupling_bwd(const Tensor& grad_y, co
   Tensor row_gscale = x.numel() > 0 ? at::empty(gscale_shape, x.options().dtype(acc_t))
                                     : at::zeros(gscale_shape, x.options().dtype(acc_t));
   const Tensor scale_c = scale ? scale->to(acc_t).contiguous() : Tensor();
-  const Tensor mask_c = mask ? mask->to(x.scalar_type()).contiguous() : Tensor();
-  const int mode = loop_mode(mask, parity, g);
+  const int mode = loop_mode(mask.has_value() || parity >= 0, g);
   if (x.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "coupling_bwd_cpu", [&] {
       using acc = at::opmath_type<scalar_t>;
@@ -290,13 +286,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> coupling_bwd(const Tensor& grad_y, co
       a.x = x.data_ptr<scalar_t>();
       a.s = s.data_ptr<scalar_t>();
       a.t = t.data_ptr<scalar_t>();
-      a.mask = mask ? mask_c.data_ptr<scalar_t>() : nullptr;
+      const Tensor mask_c = mask_rows<scalar_t>(mask, parity, x);
+      a.mask = mask_c.defined() ? mask_c.data_ptr<scalar_t>() : nullptr;
+      a.mask_cstride = mask ? g.S : 0;
       a.scale = scale ? scale_c.data_ptr<acc>() : nullptr;
       a.gx = gx.data_ptr<scalar_t>();
       a.gs = gs.data_ptr<scalar_t>();
       a.gt = gt.data_ptr<scalar_t>();
       a.row_red = scale ? row_gscale.data_ptr<acc>() : nullptr;
-      a.parity = static_cast<int>(parity);
       a.g = g;
       run(false, a, scale.has_value(), reverse, mode);
     });

@@ -1,13 +1,16 @@
-// Gaussian-mixture likelihood on the CPU (isotropic (K,) or diagonal (K, D) log_std).
+// Gaussian-mixture likelihood on the CPU (isotropic (K,) or diagonal (K, D) log_std); (B, K, D) is never formed.
 //
-// The D-reductions run as matrix products (z mu^T and friends through at::mm, i.e. the BLAS), in the same closed form
-// as the reference, |z|^2 / s^2 - 2 z.mu / s^2 + |mu|^2 / s^2, so (B, K, D) is never formed; everything per sample
-// (Mahalanobis terms, log pi, logsumexp over K, label gather with label_weight, nll and logits; in backward the
-// softmax weights and dL/dz) is one fused parallel pass over the batch with flowgmm_math.h's row functions.
-// Backward recomputes from the inputs and the saved (B, K) logits.
+// Isotropic (the FlowGMM prior): one fused parallel pass over the batch per direction, in the closed form of the
+// reference, maha = (|z|^2 - 2 z.mu + |mu|^2) / s^2. Forward: per sample the K dot products and |z|^2 (vectorised
+// over D), the logits row (log N + log pi), logsumexp over K or the label gather with label_weight, the nll.
+// Backward (from the inputs and the saved (B, K) logits): per sample the softmax / label weights G = dL/dlog N,
+// dL/dz = sum_k G_k (mu_k - z) / s_k^2 written once, and per-thread partial sums of sum_b G_bk z_b / s_k^2 (for
+// dL/dmu), G, G |z|^2 and dL/dlog pi, combined after the pass. The float32 loops are compiled per ISA
+// (FLOWGMM_CPU_CLONES). Diagonal: the D-reductions as matrix products (at::mm) plus a fused per-sample pass.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "flowgmm_math.h"
@@ -42,24 +45,135 @@ Inputs prepare(const Tensor& z, const Tensor& means, const Tensor& log_std, cons
   return in;
 }
 
+int64_t grain(int64_t D) { return std::max<int64_t>(1, 8192 / std::max<int64_t>(1, D)); }
+
 template <typename T>
-T row_sumsq(const T* z, int64_t D) {
+inline __attribute__((always_inline)) T dot(const T* a, const T* b, int64_t D) {
   T acc = 0;
 #pragma omp simd reduction(+ : acc)
-  for (int64_t d = 0; d < D; ++d) acc += z[d] * z[d];
+  for (int64_t d = 0; d < D; ++d) acc += a[d] * b[d];
   return acc;
 }
 
-// isotropic dL/dz row: gz = sum_k H_k mu_k - (sum_k H_k) z; returns |z|^2 (needed for dL/dlog_std)
+// four dot products of z with rows m0..m3 at once: four independent accumulator chains (a single chain is
+// FMA-latency bound)
 template <typename T>
-T gz_row(const T* z, const T* m, T hsum, T* gz, int64_t D) {
-  T sq = 0;
-#pragma omp simd reduction(+ : sq)
+inline __attribute__((always_inline)) void dot4(const T* z, const T* m, int64_t D, T* out) {
+  const T *m0 = m, *m1 = m + D, *m2 = m + 2 * D, *m3 = m + 3 * D;
+  T a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
   for (int64_t d = 0; d < D; ++d) {
-    gz[d] = m[d] - hsum * z[d];
-    sq += z[d] * z[d];
+    const T zd = z[d];
+    a0 += zd * m0[d];
+    a1 += zd * m1[d];
+    a2 += zd * m2[d];
+    a3 += zd * m3[d];
   }
-  return sq;
+  out[0] = a0;
+  out[1] = a1;
+  out[2] = a2;
+  out[3] = a3;
+}
+
+template <typename T>
+inline __attribute__((always_inline)) void axpy(T* y, T a, const T* x, int64_t D) {
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) y[d] += a * x[d];
+}
+
+// ---- isotropic forward
+template <typename T>
+struct IsoFwd {
+  const T *z, *means, *musq, *iv, *log_det, *log_pi;
+  const int64_t* labels;
+  T *logits, *nll;
+  int64_t K, D;
+  T half_d_log2pi, lw;
+};
+
+template <typename T>
+inline __attribute__((always_inline)) void iso_fwd_range(const IsoFwd<T>& a, int64_t begin, int64_t end) {
+  for (int64_t b = begin; b < end; ++b) {
+    const T* zr = a.z + b * a.D;
+    T* row = a.logits + b * a.K;
+    const T zsq = dot(zr, zr, a.D);
+    int64_t k = 0;
+    for (; k + 4 <= a.K; k += 4) dot4(zr, a.means + k * a.D, a.D, row + k);
+    for (; k < a.K; ++k) row[k] = dot(zr, a.means + k * a.D, a.D);
+    for (k = 0; k < a.K; ++k) {
+      const T maha = (zsq - 2 * row[k] + a.musq[k]) * a.iv[k];
+      row[k] = -T(0.5) * maha - a.log_det[k] - a.half_d_log2pi + a.log_pi[k];
+    }
+    a.nll[b] = math::row_nll(row, a.log_pi, a.K, a.labels ? a.labels[b] : -1, a.lw);
+  }
+}
+
+FLOWGMM_CPU_CLONES void iso_fwd_range_f32(const IsoFwd<float>& a, int64_t begin, int64_t end) {
+  iso_fwd_range(a, begin, end);
+}
+
+// ---- isotropic backward
+template <typename T>
+struct IsoBwd {
+  const T *z, *means, *iv, *logits, *g_logits, *g_nll;
+  const int64_t* labels;
+  T* gz;
+  T* partials;  // per thread: N (K, D) = sum_b G_bk z_b / s_k^2, then colG, colP, colGz (K each)
+  int64_t K, D;
+  T lw;
+};
+
+template <typename T>
+inline __attribute__((always_inline)) void iso_bwd_range(const IsoBwd<T>& a, int64_t begin, int64_t end, T* part,
+                                                         T* scratch) {
+  const int64_t K = a.K, D = a.D;
+  T *N = part, *colG = part + K * D, *colP = colG + K, *colGz = colP + K;
+  T *G = scratch, *P = scratch + K;
+  for (int64_t b = begin; b < end; ++b) {
+    math::row_grad(a.logits + b * K, a.g_logits ? a.g_logits + b * K : nullptr, a.g_nll ? a.g_nll[b] : T(0), K,
+                   a.labels ? a.labels[b] : -1, a.lw, G, P);
+    const T* zr = a.z + b * D;
+    T* gzr = a.gz + b * D;
+    const T zsq = dot(zr, zr, D);
+    T hsum = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      hsum += G[k] * a.iv[k];
+      colG[k] += G[k];
+      colP[k] += P[k];
+      colGz[k] += G[k] * zsq;
+    }
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) gzr[d] = -hsum * zr[d];
+    for (int64_t k = 0; k < K; ++k) {
+      const T h = G[k] * a.iv[k];
+      if (h == T(0)) continue;
+      axpy(gzr, h, a.means + k * D, D);
+      axpy(N + k * D, h, zr, D);
+    }
+  }
+}
+
+FLOWGMM_CPU_CLONES void iso_bwd_range_f32(const IsoBwd<float>& a, int64_t begin, int64_t end, float* part,
+                                          float* scratch) {
+  iso_bwd_range(a, begin, end, part, scratch);
+}
+
+template <typename T>
+void iso_fwd_run(const IsoFwd<T>& a, int64_t B) {
+  at::parallel_for(0, B, grain(a.D), [&](int64_t begin, int64_t end) {
+    if constexpr (std::is_same_v<T, float>) iso_fwd_range_f32(a, begin, end);
+    else iso_fwd_range(a, begin, end);
+  });
+}
+
+template <typename T>
+void iso_bwd_run(const IsoBwd<T>& a, int64_t B, int64_t stride) {
+  at::parallel_for(0, B, grain(a.D), [&](int64_t begin, int64_t end) {
+    std::vector<T> scratch(2 * a.K);
+    T* part = a.partials + at::get_thread_num() * stride;
+    if constexpr (std::is_same_v<T, float>) iso_bwd_range_f32(a, begin, end, part, scratch.data());
+    else iso_bwd_range(a, begin, end, part, scratch.data());
+  });
 }
 
 }  // namespace
@@ -71,38 +185,39 @@ std::tuple<Tensor, Tensor> gmm_fwd(const Tensor& z, const Tensor& means, const T
   Tensor logits = at::empty({B, K}, in.z.options());
   Tensor nll = at::empty({B}, in.z.options());
   if (B == 0) return {nll, logits};
-  // per component: iv_k (isotropic) or the constant sum_d mu^2 / s^2 (diagonal), and the log-det sum log s
-  Tensor cross, quad, comp_const, inv_var, log_det;
-  if (in.diag) {
-    inv_var = at::exp(in.log_std * -2);
-    cross = at::mm(in.z, (in.means * inv_var).t());
-    quad = at::mm(in.z.square(), inv_var.t());
-    comp_const = (in.means.square() * inv_var).sum(1);
-    log_det = in.log_std.sum(1);
-  } else {
-    inv_var = at::exp(in.log_std * -2);
-    cross = at::mm(in.z, in.means.t());
-    comp_const = in.means.square().sum(1);
-    log_det = in.log_std * static_cast<double>(D);
-  }
   const Tensor lab = labels ? labels->contiguous() : Tensor();
+  const Tensor inv_var = at::exp(in.log_std * -2);
   AT_DISPATCH_FLOATING_TYPES(in.z.scalar_type(), "gmm_fwd_cpu", [&] {
     using T = scalar_t;
-    const T *zp = in.z.data_ptr<T>(), *cp = cross.data_ptr<T>(), *qp = in.diag ? quad.data_ptr<T>() : nullptr;
-    const T *cc = comp_const.data_ptr<T>(), *iv = inv_var.data_ptr<T>(), *ld = log_det.data_ptr<T>();
-    const T* lpi = in.log_pi.data_ptr<T>();
-    const int64_t* lp = labels ? lab.data_ptr<int64_t>() : nullptr;
-    T *outl = logits.data_ptr<T>(), *outn = nll.data_ptr<T>();
     const T half_d_log2pi = static_cast<T>(0.5 * D * math::kLog2Pi), lw = static_cast<T>(label_weight);
-    at::parallel_for(0, B, std::max<int64_t>(1, 8192 / std::max<int64_t>(1, D)), [&](int64_t begin, int64_t end) {
+    const int64_t* lp = labels ? lab.data_ptr<int64_t>() : nullptr;
+    if (!in.diag) {
+      // per component: |mu_k|^2 and the log-det D log s_k
+      std::vector<T> musq(K), log_det(K);
+      const T *mp = in.means.data_ptr<T>(), *ls = in.log_std.data_ptr<T>();
+      for (int64_t k = 0; k < K; ++k) {
+        musq[k] = dot(mp + k * D, mp + k * D, D);
+        log_det[k] = static_cast<T>(D) * ls[k];
+      }
+      const IsoFwd<T> a{in.z.data_ptr<T>(), mp, musq.data(), inv_var.data_ptr<T>(), log_det.data(),
+                        in.log_pi.data_ptr<T>(), lp, logits.data_ptr<T>(), nll.data_ptr<T>(), K, D, half_d_log2pi,
+                        lw};
+      iso_fwd_run(a, B);
+      return;
+    }
+    // diagonal: maha = (z^2) iv^T - 2 z (mu iv)^T + sum_d mu^2 iv
+    const Tensor cross = at::mm(in.z, (in.means * inv_var).t());
+    const Tensor quad = at::mm(in.z.square(), inv_var.t());
+    const Tensor comp_const = (in.means.square() * inv_var).sum(1);
+    const Tensor log_det = in.log_std.sum(1);
+    const T *cp = cross.data_ptr<T>(), *qp = quad.data_ptr<T>(), *cc = comp_const.data_ptr<T>();
+    const T *ld = log_det.data_ptr<T>(), *lpi = in.log_pi.data_ptr<T>();
+    T *outl = logits.data_ptr<T>(), *outn = nll.data_ptr<T>();
+    at::parallel_for(0, B, grain(K), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         T* row = outl + b * K;
-        const T zsq = in.diag ? T(0) : row_sumsq(zp + b * D, D);
-        for (int64_t k = 0; k < K; ++k) {
-          const T maha = in.diag ? qp[b * K + k] - 2 * cp[b * K + k] + cc[k]
-                                 : (zsq - 2 * cp[b * K + k] + cc[k]) * iv[k];
-          row[k] = -T(0.5) * maha - ld[k] - half_d_log2pi + lpi[k];
-        }
+        for (int64_t k = 0; k < K; ++k)
+          row[k] = -T(0.5) * (qp[b * K + k] - 2 * cp[b * K + k] + cc[k]) - ld[k] - half_d_log2pi + lpi[k];
         outn[b] = math::row_nll(row, lpi, K, lp ? lp[b] : -1, lw);
       }
     });
@@ -121,59 +236,64 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gmm_bwd(const OptTensor& grad_nll, co
   const Tensor gn = grad_nll ? grad_nll->to(cdt).contiguous() : Tensor();
   const Tensor gL = grad_logits ? grad_logits->to(cdt).contiguous() : Tensor();
   const Tensor lab = labels ? labels->contiguous() : Tensor();
-  // G (B, K): dL/dlog N; P (B, K): dL/dlog pi per sample
-  Tensor G = at::empty({B, K}, in.z.options()), P = at::empty({B, K}, in.z.options());
-  AT_DISPATCH_FLOATING_TYPES(cdt, "gmm_bwd_rows_cpu", [&] {
+  const Tensor inv_var = at::exp(in.log_std * -2);
+  Tensor gz = at::empty({B, D}, in.z.options()), gmeans, glog_std;
+  Tensor colP = at::zeros({K}, in.z.options());
+  AT_DISPATCH_FLOATING_TYPES(cdt, "gmm_bwd_cpu", [&] {
     using T = scalar_t;
     const T *lg = logits.data_ptr<T>(), *gnp = grad_nll ? gn.data_ptr<T>() : nullptr;
     const T* gLp = grad_logits ? gL.data_ptr<T>() : nullptr;
+    const T *zp = in.z.data_ptr<T>(), *iv = inv_var.data_ptr<T>(), *mp = in.means.data_ptr<T>();
     const int64_t* lp = labels ? lab.data_ptr<int64_t>() : nullptr;
-    T *Gp = G.data_ptr<T>(), *Pp = P.data_ptr<T>();
     const T lw = static_cast<T>(label_weight);
+    T* cP = colP.data_ptr<T>();
+    if (!in.diag) {
+      const int64_t stride = K * D + 3 * K, nthreads = at::get_num_threads();
+      Tensor partials = at::zeros({nthreads, stride}, in.z.options());
+      const IsoBwd<T> a{zp, mp, iv, lg, gLp, gnp, lp, gz.data_ptr<T>(), partials.data_ptr<T>(), K, D, lw};
+      iso_bwd_run(a, B, stride);
+      const Tensor total = partials.sum(0);
+      const T* tp = total.data_ptr<T>();
+      const T *N = tp, *colG = tp + K * D, *colPt = colG + K, *colGz = colPt + K;
+      // dL/dmu_k = N_k - colG_k mu_k / s_k^2;
+      // dL/dlog s_k = sum_b G_bk (maha_bk - D) = (sum_b G_bk |z_b|^2 + colG_k |mu_k|^2) / s_k^2 - 2 N_k.mu_k - D colG_k
+      gmeans = at::empty({K, D}, in.z.options());
+      glog_std = at::empty({K}, in.z.options());
+      T *gmp = gmeans.data_ptr<T>(), *glp = glog_std.data_ptr<T>();
+      for (int64_t k = 0; k < K; ++k) {
+        const T ch = colG[k] * iv[k];
+        T musq = 0, nmu = 0;
+        for (int64_t d = 0; d < D; ++d) {
+          const T m = mp[k * D + d];
+          gmp[k * D + d] = N[k * D + d] - ch * m;
+          musq += m * m;
+          nmu += N[k * D + d] * m;
+        }
+        glp[k] = iv[k] * (colGz[k] + colG[k] * musq) - 2 * nmu - static_cast<T>(D) * colG[k];
+        cP[k] = colPt[k];
+      }
+      return;
+    }
+    // diagonal: G (B, K) from the rows, then the D-reductions as matrix products
+    Tensor G = at::empty({B, K}, in.z.options()), P = at::empty({B, K}, in.z.options());
+    T *Gp = G.data_ptr<T>(), *Pp = P.data_ptr<T>();
     at::parallel_for(0, B, 256, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b)
         math::row_grad(lg + b * K, gLp ? gLp + b * K : nullptr, gnp ? gnp[b] : T(0), K, lp ? lp[b] : -1, lw,
                        Gp + b * K, Pp + b * K);
     });
-  });
-  const Tensor colG = G.sum(0);
-  const Tensor inv_var = at::exp(in.log_std * -2);
-  Tensor gz = at::empty({B, D}, in.z.options()), gmeans, glog_std;
-  if (!in.diag) {
-    const Tensor H = G * inv_var;         // (B, K)
-    const Tensor M = at::mm(H, in.means);  // (B, D): sum_k H_bk mu_k
-    const Tensor N = at::mm(H.t(), in.z);  // (K, D): iv_k sum_b G_bk z_b
-    Tensor zsq = at::empty({B}, in.z.options());
-    AT_DISPATCH_FLOATING_TYPES(cdt, "gmm_bwd_gz_cpu", [&] {
-      using T = scalar_t;
-      const T *zp = in.z.data_ptr<T>(), *Hp = H.data_ptr<T>(), *Mp = M.data_ptr<T>();
-      T *gzp = gz.data_ptr<T>(), *zs = zsq.data_ptr<T>();
-      at::parallel_for(0, B, std::max<int64_t>(1, 8192 / std::max<int64_t>(1, D)), [&](int64_t begin, int64_t end) {
-        for (int64_t b = begin; b < end; ++b) {
-          T hsum = 0;
-          for (int64_t k = 0; k < K; ++k) hsum += Hp[b * K + k];
-          const T *zr = zp + b * D, *mr = Mp + b * D;
-          T* gr = gzp + b * D;
-          zs[b] = gz_row(zr, mr, hsum, gr, D);
-        }
-      });
-    });
-    gmeans = N - (colG * inv_var).unsqueeze(1) * in.means;
-    const Tensor musq = in.means.square().sum(1);
-    glog_std = inv_var * (at::mv(G.t(), zsq) + colG * musq) - 2 * (N * in.means).sum(1) - colG * static_cast<double>(D);
-  } else {
-    const Tensor A = at::mm(G, inv_var);                 // (B, D): sum_k G_bk iv_kd
-    const Tensor Mm = at::mm(G, in.means * inv_var);     // (B, D): sum_k G_bk mu_kd iv_kd
+    colP.copy_(P.sum(0));
+    const Tensor cg = G.sum(0).unsqueeze(1);
+    const Tensor A = at::mm(G, inv_var);              // (B, D): sum_k G_bk iv_kd
+    const Tensor Mm = at::mm(G, in.means * inv_var);  // (B, D): sum_k G_bk mu_kd iv_kd
     gz = Mm - in.z * A;
-    const Tensor Gz = at::mm(G.t(), in.z);               // (K, D)
-    const Tensor Gz2 = at::mm(G.t(), in.z.square());     // (K, D)
-    const Tensor cg = colG.unsqueeze(1);
+    const Tensor Gz = at::mm(G.t(), in.z);            // (K, D)
+    const Tensor Gz2 = at::mm(G.t(), in.z.square());  // (K, D)
     gmeans = inv_var * (Gz - in.means * cg);
     glog_std = inv_var * (Gz2 - 2 * in.means * Gz + in.means.square() * cg) - cg;
-  }
+  });
   Tensor gw = at::empty({0}, in.z.options());
   if (weight_logits) {
-    const Tensor colP = P.sum(0);
     gw = (colP - at::softmax(weight_logits->to(cdt), 0) * colP.sum()).to(weight_logits->scalar_type());
   }
   return {gz.to(z.scalar_type()), gmeans.to(means.scalar_type()), glog_std.to(log_std.scalar_type()), gw};
