@@ -56,6 +56,15 @@ def _compute_dtype(dtype: torch.dtype, upcast: bool) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _accumulate(ldj_el, x, sldj, reverse):
+    """sldj_out = sldj +- (per-sample sum of the elementwise log-det ``ldj_el``), in the log-det dtype."""
+    out_dt = ldj_dtype(x.dtype, sldj.dtype if sldj is not None else torch.float32)
+    ldj = ldj_el.reshape(x.shape[0], -1).sum(-1).to(out_dt)
+    if reverse:
+        ldj = -ldj
+    return ldj if sldj is None else sldj.to(out_dt) + ldj
+
+
 def checkerboard_mask(height: int, width: int, parity: int, dtype=torch.float32, device=None) -> torch.Tensor:
     """(H, W) 0/1 tensor with b[h, w] = (h + w + parity) % 2 (1 = kept / conditioning position)."""
     h = torch.arange(height, device=device).view(-1, 1)
@@ -82,12 +91,7 @@ def affine_coupling(x, s, t, scale, mask, checker_parity, reverse, sldj, *, upca
     else:
         s_m, t_m = s_eff, tc
     y = xc * torch.exp(-s_m) - t_m if reverse else (xc + t_m) * torch.exp(s_m)
-    out_dt = ldj_dtype(x.dtype, sldj.dtype if sldj is not None else torch.float32)
-    ldj = s_m.reshape(x.shape[0], -1).sum(-1).to(out_dt)
-    if reverse:
-        ldj = -ldj
-    sldj_out = ldj if sldj is None else sldj.to(out_dt) + ldj
-    return y.to(x.dtype), sldj_out
+    return y.to(x.dtype), _accumulate(s_m, x, sldj, reverse)
 
 
 _ALT_ORDER = (0, 3, 1, 2)  # (i, j) offsets (0,0), (1,1), (0,1), (1,0) as indices 2i + j
@@ -125,12 +129,7 @@ def logit_transform(x, alpha, reverse, sldj, noise, *, upcast: bool = True):
         p = alpha + (1 - 2 * alpha) * xc
         y = torch.log(p) - torch.log1p(-p)
         ldj_el = log_scale - torch.log(p) - torch.log1p(-p)
-    out_dt = ldj_dtype(x.dtype, sldj.dtype if sldj is not None else torch.float32)
-    ldj = ldj_el.reshape(x.shape[0], -1).sum(-1).to(out_dt)
-    if reverse:
-        ldj = -ldj
-    sldj_out = ldj if sldj is None else sldj.to(out_dt) + ldj
-    return y.to(x.dtype), sldj_out
+    return y.to(x.dtype), _accumulate(ldj_el, x, sldj, reverse)
 
 
 def _gaussian_log_density(z, means, log_std, cdt):
