@@ -40,7 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--dataset", required=True, type=str.upper, choices=["MNIST", "CIFAR10", "SVHN"])
     p.add_argument("--data_path", default=None,
                    help="prepared folder (train.npz/test.npz) or torchvision's files; default data/images/<dataset>")
-    p.add_argument("--label_path", required=True, help="label split, e.g. data/labels/mnist/1000_balanced_labels/10.npz")
+    p.add_argument("--label_path", required=True,
+                   help="label split, e.g. data/labels/mnist/1000_balanced_labels/10.npz")
     p.add_argument("--logdir", default=None, help="TensorBoard directory (default runs/<dataset>)")
     p.add_argument("--ckptdir", default=None, help="checkpoint directory (default checkpoints/<dataset>)")
     p.add_argument("--save_freq", default=25, type=int, help="epochs between checkpoints")
@@ -78,6 +79,8 @@ def parse_args(argv=None):
     p.add_argument("--mid_channels", default=64, type=int)
     p.add_argument("--num_blocks", default=8, type=int)
     p.add_argument("--schedule", default="constant", choices=["constant", "cosine"], help="per-step lr schedule")
+    p.add_argument("--no_augment", action="store_true",
+                   help="no random crop/flip (x1, x2 then differ only in their dequantisation noise)")
     p.add_argument("--log_freq", default=50, type=int, help="steps between training-loss logs")
     p.add_argument("--eval_batch_size", default=500, type=int)
     p.add_argument("--eval_limit", default=None, type=int, help="evaluate on the first N test images only")
@@ -142,7 +145,8 @@ def main(argv=None):
         test = ImageData(test.images[:args.eval_limit], test.labels[:args.eval_limit], test.dataset)
     labeled = load_label_split(args.label_path, train)
     loader = SemiSupervisedLoader(train, labeled, args.batch_size, seed=args.seed, device=info.device,
-                                  rank=info.rank, world_size=info.world_size, num_workers=args.num_workers)
+                                  rank=info.rank, world_size=info.world_size, num_workers=args.num_workers,
+                                  augment_data=not args.no_augment)
     spe = loader.steps_per_epoch
     max_steps = args.num_epochs * spe if args.max_steps is None else args.max_steps
 

@@ -18,9 +18,10 @@ Label splits, in the original repository's layout ``data/labels/<dataset>/<N>_ba
 the dataset (a split made for another dataset).
 
 :class:`SemiSupervisedLoader`: each batch is half labeled, half unlabeled; an epoch is one pass over the labeled
-data (labeled rows first, as the original); two augmentations of every row (RandomCrop with 4-pixel zero padding, + horizontal flip for CIFAR-10 / SVHN); every random
-choice of step s comes from generators seeded by (seed, s) or (seed, epoch), so the batches are a pure function of
-the step (exact resume) and each rank of a DDP run takes its slice of the same global batch.
+data (labeled rows first, as the original); two augmentations of every row (RandomCrop with 4-pixel zero padding,
++ horizontal flip for CIFAR-10 / SVHN); every random choice of step s comes from generators seeded by (seed, s) or
+(seed, epoch), so the batches are a pure function of the step (exact resume) and each rank of a DDP run takes its
+slice of the same global batch. Note: ``dequantize`` is applied here, so build RealNVP with ``dequantize=False``.
 """
 
 from __future__ import annotations
@@ -369,9 +370,9 @@ class SemiSupervisedLoader:
 
     data: the training split; labeled_idx: the labeled indices (the rest is the unlabeled pool).
     batch_size: the GLOBAL batch: half labeled, half unlabeled (all labeled with ``supervised_only``); each of
-    ``world_size`` ranks gets its 1/world_size slice of each half. x: (b, C, H, W) float32 dequantised first augmentation
-    of the rank's rows (labeled first, then unlabeled); labels: (b,) int64, -1 for the unlabeled rows; x2: a second,
-    independent augmentation of the same rows (the consistency target of FlowGMM-cons).
+    ``world_size`` ranks gets its 1/world_size slice of each half. x: (b, C, H, W) float32 dequantised first
+    augmentation of the rank's rows (labeled first, then unlabeled); labels: (b,) int64, -1 for the unlabeled rows;
+    x2: a second, independent augmentation of the same rows (the consistency target of FlowGMM-cons).
     steps_per_epoch = len(labeled) // (labeled rows per global batch): one pass over the labeled data.
     num_workers > 0 prepares that many upcoming batches in background threads (same batches, same order).
     """

@@ -35,7 +35,8 @@ from .losses import flowgmm_cons_loss, semisup_loss
 from .optim import linear_rampup, make_lr_scheduler, weight_decay_param_groups
 from .trainer import Trainer
 
-__all__ = ["Trainer", "semisup_loss", "flowgmm_cons_loss", "save_checkpoint", "load_checkpoint", "atomic_save", "capture_rng_state",
+__all__ = ["Trainer", "semisup_loss", "flowgmm_cons_loss", "save_checkpoint", "load_checkpoint", "atomic_save",
+           "capture_rng_state",
            "restore_rng_state", "seed_everything", "CheckpointError", "TrainLogger", "format_summary",
            "NonFiniteGuard", "NonFiniteLossError", "weight_decay_param_groups", "linear_rampup", "make_lr_scheduler",
            "DistInfo", "init_distributed", "cleanup_distributed", "is_distributed", "get_rank", "get_world_size",

@@ -69,8 +69,8 @@ def init_distributed(device: str | torch.device | None = None, *, distributed: b
     """Initialise torch.distributed from the torchrun environment and return this process's :class:`DistInfo`.
 
     ``device``: "cpu", "cuda" or a full device; default "cuda" when available. With ``distributed=False`` this is
-    a single-process run and nothing is initialised; with ``distributed=True`` outside torchrun it raises. On CUDA rank r uses
-    ``cuda:LOCAL_RANK``. ``backend`` defaults to "nccl" for CUDA and "gloo" otherwise.
+    a single-process run and nothing is initialised; with ``distributed=True`` outside torchrun it raises. On CUDA
+    rank r uses ``cuda:LOCAL_RANK``. ``backend`` defaults to "nccl" for CUDA and "gloo" otherwise.
     """
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():

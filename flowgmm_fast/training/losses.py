@@ -1,6 +1,7 @@
 """The semi-supervised FlowGMM objectives, split into named parts (for logging and the non-finite guard).
 
-:func:`semisup_loss` -- the general FlowGMM objective (tabular / text scripts). With ``out = model(x, labels)`` (labels: -1 = unlabeled) and per-sample NLLs in nats:
+:func:`semisup_loss` -- the general FlowGMM objective (tabular / text scripts). With ``out = model(x, labels)``
+(labels: -1 = unlabeled) and per-sample NLLs in nats:
     nll_unlabeled = mean over unlabeled rows of -(logsumexp_k [log N(f(x); mu_k) + log pi_k] + log|det J|)
     nll_labeled   = mean over labeled rows   of -(log N(f(x); mu_y) + log|det J|)
     consistency   = mean over the chosen rows of -(log N(f(x1); mu_y2) + log|det J|), y2 = argmax_k logits(x2)
