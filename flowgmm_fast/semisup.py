@@ -4,11 +4,13 @@ Shared by ``experiments/demo.py``, ``experiments/synthetic.py``, ``experiments/t
 the results runner, so every tabular number comes from the same loop. Data are tensors ``x: (N, D)`` and a
 semi-supervised label vector ``labels: (N,)`` int64 with -1 for unlabeled points.
 
-Objective (the original tabular trainer): per step, with a batch of labeled points L and unlabeled points U,
-    loss = mean_{(x, y) in L} -[log N(f(x); mu_y, Sigma_y) + log|det J|]
+Objective (the original tabular trainer; :func:`flowgmm_fast.training.semisup_loss`, shared with the scripts built on
+the Trainer): per step, with a batch of labeled points L and unlabeled points U,
+    loss = label_weight * mean_{(x, y) in L} -[log N(f(x); mu_y, Sigma_y) + log|det J|]
          + unlabeled_weight * mean_{x in U} -[logsumexp_k (log N(f(x); mu_k, Sigma_k) + log pi_k) + log|det J|]
-(``label_weight`` scales the labeled prior term as in :meth:`flowgmm_fast.FlowGMM.forward`). AdamW with a cosine
-learning-rate schedule over all steps (REFERENCE.md); labeled and unlabeled points go through one forward pass.
+AdamW with a cosine learning-rate schedule over all steps (REFERENCE.md); labeled and unlabeled points go through one
+forward pass. This is the light loop (no checkpoints / TensorBoard) for the demo and the figure scripts;
+``experiments/train_semisup_flowgmm_tabular.py`` runs the same loss on :class:`flowgmm_fast.training.Trainer`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 
 from .model import FlowGMM
 from .nn import GaussianMixture, RealNVPTabular
+from .training.losses import semisup_loss
 
 __all__ = ["build_tabular_flowgmm", "init_means_from_labeled", "FitConfig", "fit_flowgmm", "predict", "accuracy", "steps_for_epochs"]
 
@@ -145,17 +148,15 @@ def fit_flowgmm(model: FlowGMM, x: torch.Tensor, labels: torch.Tensor, config: F
                 parts.append(lab_idx)
             else:
                 parts.append(lab_idx[torch.randperm(lab_idx.numel(), generator=gen)[:n_lab_batch]])
-        n_l = parts[0].numel() if parts else 0
         if use_unlabeled:
             if perm is None or pos >= perm.numel():
                 perm, pos = unl_idx[torch.randperm(unl_idx.numel(), generator=gen)], 0
             parts.append(perm[pos:pos + config.batch_size])
             pos += config.batch_size
         idx = torch.cat(parts).to(x.device)
-        out = model(x[idx], labels[idx], config.label_weight)
-        nll_l = out.nll[:n_l].mean() if n_l else out.nll.new_zeros(())
-        nll_u = out.nll[n_l:].mean() if use_unlabeled else out.nll.new_zeros(())
-        loss = nll_l + config.unlabeled_weight * nll_u
+        loss, loss_parts, _ = semisup_loss(model, x[idx], labels[idx], label_weight=config.label_weight,
+                                           unlabeled_weight=config.unlabeled_weight if use_unlabeled else 0.0)
+        nll_l, nll_u = loss_parts["nll_labeled"], loss_parts["nll_unlabeled"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip is not None:
