@@ -95,7 +95,7 @@ CONFIGS = {
     "smoke-image": StepConfig("smoke-image", "image", (1, 4, 4), 4, 3, mid_channels=4, num_blocks=1, note="smoke"),
     "smoke-tabular": StepConfig("smoke-tabular", "tabular", (6,), 8, 2, hidden_dim=8, num_couplings=2, note="smoke"),
 }
-SUITES = {"gpu": ("mnist", "cifar", "tabular"), "cpu": ("mnist-cpu", "cifar-cpu", "tabular-cpu"),
+SUITES = {"gpu": ("cifar", "mnist", "tabular"), "cpu": ("mnist-cpu", "cifar-cpu", "tabular-cpu"),
           "smoke": ("smoke-image", "smoke-tabular")}
 
 

@@ -42,12 +42,12 @@ echo "# build exited with $status after $((SECONDS - b0)) s" | tee -a "$OUT/buil
 # 2. tests on CUDA: the op suites first (verbose, so a cut-off log still says which tests passed), then the rest
 OPS_TESTS=$(ls tests/test_*ops*.py tests/test_triton_model.py 2>/dev/null | tr '\n' ' ')
 IGNORES=$(for f in $OPS_TESTS; do printf -- '--ignore=%s ' "$f"; done)
-cap=$(( $(left) * 30 / 100 )); [ "$cap" -gt 150 ] && cap=150
+cap=$(( $(left) * 25 / 100 )); [ "$cap" -gt 100 ] && cap=100
 echo "# tests: op suites ($OPS_TESTS) for at most $cap s" | tee "$OUT/tests.log"
 # shellcheck disable=SC2086
 timeout -k 10 "$cap" "$PY" -m pytest $OPS_TESTS -v -rfEs -p no:cacheprovider --durations=10 >> "$OUT/tests.log" 2>&1
 echo "# op tests exited with $?" | tee -a "$OUT/tests.log"
-cap=$(( $(left) * 20 / 100 )); [ "$cap" -gt 90 ] && cap=90
+cap=$(( $(left) * 12 / 100 )); [ "$cap" -gt 45 ] && cap=45
 echo "# tests: the rest of tests/ for at most $cap s" | tee -a "$OUT/tests.log"
 # shellcheck disable=SC2086
 timeout -k 10 "$cap" "$PY" -m pytest tests $IGNORES -v -rfEs -p no:cacheprovider --durations=10 >> "$OUT/tests.log" 2>&1
@@ -55,7 +55,7 @@ echo "# other tests exited with $?" | tee -a "$OUT/tests.log"
 grep -E "passed|failed|error" "$OUT/tests.log" | grep -E "^=+ " || true
 
 # 3. benchmarks into $OUT, then copies into benchmarks/results/
-bench=$(( $(left) - 40 )); [ "$bench" -lt 60 ] && bench=60
+bench=$(( $(left) - 30 )); [ "$bench" -lt 90 ] && bench=90
 BENCH_BUDGET_S=$bench bash benchmarks/run_gpu.sh "$OUT" > "$OUT/bench.log" 2>&1
 tail -n 60 "$OUT/bench.log"
 cp "$OUT"/ops_cuda-*.json "$OUT"/train_step_cuda-*.json benchmarks/results/ 2>/dev/null

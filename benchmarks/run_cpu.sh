@@ -2,7 +2,7 @@
 # CPU benchmark suite: op micro-benchmarks, training steps, then the report (tables, plot, README block).
 # Under 10 minutes on a 2-core machine. Run from anywhere: bash benchmarks/run_cpu.sh
 # Writes benchmarks/results/ops_cpu_*.json, train_step_cpu_*.json, report.md, perf_cpu.png and README's perf block.
-# Environment: PYTHON (default .venv/bin/python, else python3); BENCH_BUDGET_S (seconds of timing per op case, 2.5).
+# Environment: PYTHON (default .venv/bin/python, else python3); BENCH_BUDGET_S (seconds of timing per op case, 2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -12,7 +12,7 @@ unset TRITON_INTERPRET
 export PYTHONUNBUFFERED=1
 start=$SECONDS
 "$PY" -c "import flowgmm_fast as f; print('backends available:', f.available_backends())"
-"$PY" -m benchmarks.bench_ops --device cpu --suite cpu --budget "${BENCH_BUDGET_S:-2.5}"
+"$PY" -m benchmarks.bench_ops --device cpu --suite cpu --budget "${BENCH_BUDGET_S:-2}"
 echo "# ops done in $((SECONDS - start)) s"
 "$PY" -m benchmarks.bench_train_step --device cpu --suite cpu
 echo "# training steps done in $((SECONDS - start)) s"
