@@ -168,3 +168,11 @@ def test_load_sklearn(name, dim, k):
     assert np.allclose(d.x_train.mean(0), 0, atol=1e-4)
     with pytest.raises(ValueError, match="'digits' or 'breast_cancer'"):
         T.load_sklearn("iris")
+
+
+def test_load_hepmass_bad_row(tmp_path):
+    _write_hepmass(tmp_path, n_train=10, n_test=5)
+    with open(tmp_path / T.HEPMASS_FILES[0], "a") as f:
+        f.write("1.0,abc" + ",0" * 27 + "\n")
+    with pytest.raises(ValueError, match="numeric comma-separated"):
+        T.load_hepmass(str(tmp_path))

@@ -286,13 +286,15 @@ def load_miniboone(root: str, test_fraction: float = 0.1, seed: int = 0) -> Tabu
     return TabularData(x_tr, y_tr, x_te, y_te, "miniboone").standardized()
 
 
-def _read_hepmass_csv(path: str):
+def _read_hepmass_csv(path: str, max_rows: int | None = None):
+    """(header names, (N, len(header)) array); fields past the header's count (a trailing comma) are ignored."""
     with open(path) as f:
         header = [h.strip().lstrip("#").strip() for h in f.readline().split(",")]
-    data = np.genfromtxt(path, delimiter=",", skip_header=1, ndmin=2)
-    data = data[:, ~np.all(np.isnan(data), axis=0)]  # trailing-comma columns
-    if np.isnan(data).any():
-        raise ValueError(f"{path}: non-numeric or missing values")
+    header = [h for h in header if h]
+    try:
+        data = np.loadtxt(path, delimiter=",", skiprows=1, usecols=range(len(header)), ndmin=2, max_rows=max_rows)
+    except ValueError as exc:
+        raise ValueError(f"{path}: expected {len(header)} numeric comma-separated fields per row ({exc})") from None
     return header, data
 
 
@@ -302,15 +304,12 @@ def load_hepmass(root: str, max_train: int | None = None, max_test: int | None =
     File: a header ``# label, f0, ..., f26, mass``, then comma-separated rows with the class (1 signal, 0 background)
     first. MAF preprocessing: the ``mass`` column and the columns of :func:`maf_discrete_columns` (fitted on the
     training file) are removed; features standardised with the training mean / std. MAF keeps only the signal class;
-    here both classes and their labels are kept. ``max_train`` / ``max_test`` keep the first rows only.
+    here both classes and their labels are kept. ``max_train`` / ``max_test`` read the first rows only (the full
+training file has 7 million rows).
     """
     source = "https://archive.ics.uci.edu/dataset/347/hepmass"
-    h_tr, tr = _read_hepmass_csv(_need(os.path.join(root, HEPMASS_FILES[0]), source))
-    _, te = _read_hepmass_csv(_need(os.path.join(root, HEPMASS_FILES[1]), source))
-    if max_train is not None:
-        tr = tr[:max_train]
-    if max_test is not None:
-        te = te[:max_test]
+    h_tr, tr = _read_hepmass_csv(_need(os.path.join(root, HEPMASS_FILES[0]), source), max_train)
+    _, te = _read_hepmass_csv(_need(os.path.join(root, HEPMASS_FILES[1]), source), max_test)
     if tr.shape[1] != te.shape[1]:
         raise ValueError(f"{HEPMASS_FILES[0]} has {tr.shape[1]} columns but {HEPMASS_FILES[1]} has {te.shape[1]}")
     y_tr, x_tr = tr[:, 0], tr[:, 1:]
