@@ -90,6 +90,11 @@ def _coupling_cases(entries, dtypes=("float32",), ops=("coupling_fwd", "coupling
     return [Case(op, name, shape, mask, dt) for op in ops for (name, shape, mask) in entries for dt in dtypes]
 
 
+def _targets_first(cases: list[Case]) -> list[Case]:
+    """The issues' target cases first, so that a run cut short by its deadline still measures them."""
+    return sorted(cases, key=lambda c: (not c.name.startswith(("target", "large")), c.op != "coupling_fwdbwd"))
+
+
 def suite(name: str) -> list[Case]:
     """The cases of suite ``name``: "cpu" (fits the 10-minute CPU run), "gpu" (every shape, plus bandwidth shapes)
     or "smoke" (tiny shapes, seconds)."""
@@ -105,7 +110,7 @@ def suite(name: str) -> list[Case]:
             cases += [Case("squeeze", f"cifar-b{b}", (b, 3, 32, 32)), Case("logit", f"cifar-b{b}", (b, 3, 32, 32))]
         cases += [Case("gmm_fwdbwd", "mnist-b64", (64, 784, 10)), Case("gmm_fwdbwd", "target-b512-d784", (512, 784, 10)),
                   Case("gmm_fwdbwd", "cifar-b64", (64, 3072, 10)), Case("gmm_fwdbwd", "tabular-b5000", (5000, 768, 4))]
-        return cases
+        return _targets_first(cases)
     if name == "gpu":
         entries = _image_coupling_shapes(64) + _image_coupling_shapes(256)[3:] + [_TARGET_C12, _TARGET_VEC, _TABULAR,
                                                                                   _LARGE_C12, _LARGE_C48]
@@ -122,8 +127,7 @@ def suite(name: str) -> list[Case]:
                   Case("gmm_fwdbwd", "target-b4096-d3072", (4096, 3072, 10)),
                   Case("gmm_fwdbwd", "tabular-b5000", (5000, 768, 4)),
                   Case("gmm_fwdbwd", "large-b65536-d3072-k100", (65536, 3072, 100))]
-        # the issues' targets first, so a run cut short by its deadline still measures them
-        return sorted(cases, key=lambda c: (not c.name.startswith(("target", "large")), c.op != "coupling_fwdbwd"))
+        return _targets_first(cases)
     raise ValueError(f"suite must be 'cpu', 'gpu' or 'smoke', got {name!r}")
 
 

@@ -193,15 +193,17 @@ def steps_table(data: dict) -> str:
     rows = []
     for r in data["records"]:
         if not _ok(r):
-            rows.append([r["config"], r["backend"], r["variant"], "error: " + r.get("error", "")[:70], "", "", "", ""])
+            rows.append([r["config"], r["backend"], r["variant"], "error: " + r.get("error", "")[:70], "", "", "", "",
+                         ""])
             continue
         pk = "-" if r.get("peak_mb") is None else f"{r['peak_mb']:.0f}"
+        loss = "-" if r.get("loss_first") is None else f"{r['loss_first']:.6g}"
         rows.append([r["config"], r["backend"], r["variant"], common.fmt_ms(r["median_ms"]),
                      f"[{common.fmt_ms(r['q20_ms'])}, {common.fmt_ms(r['q80_ms'])}]", _x(r.get("x_eager")),
-                     _x(r.get("x_original")), pk])
+                     _x(r.get("x_original")), pk, loss])
     notes = sorted({f"{r['config']}: {r['note']}" for r in data["records"] if r.get("note")})
     text = _md_table(["config", "backend", "variant", "median ms", "[q20, q80]", "vs eager", "vs original",
-                      "peak MB"], rows)
+                      "peak MB", "first loss"], rows)
     return text + ("\n\n" + "; ".join(notes) + "." if notes else "")
 
 
@@ -283,7 +285,8 @@ def _section(tag: str, runs: dict, full: bool, png: Path | None, rel_to: Path) -
                      "torch-eager (and over torch.compile, `c`)" + (", achieved GB/s" if device_type == "cuda" else "")
                      + ":\n\n" + ops_table(ops, only))
     if steps is not None:
-        parts.append("\nTraining step (forward, prior, backward, clip, Adam):\n\n" + steps_table(steps))
+        parts.append("\nTraining step (forward, prior, backward, clip, Adam); the first step's loss is taken from the "
+                     "same weights, data and seed in every variant:\n\n" + steps_table(steps))
     if png is not None:
         try:
             rel = png.relative_to(rel_to)

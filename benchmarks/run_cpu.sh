@@ -12,9 +12,10 @@ unset TRITON_INTERPRET
 export PYTHONUNBUFFERED=1
 start=$SECONDS
 "$PY" -c "import flowgmm_fast as f; print('backends available:', f.available_backends())"
-"$PY" -m benchmarks.bench_ops --device cpu --suite cpu --budget "${BENCH_BUDGET_S:-2}"
+# deadlines (seconds from each script's start) keep a loaded machine inside 10 minutes: the targets run first
+"$PY" -m benchmarks.bench_ops --device cpu --suite cpu --budget "${BENCH_BUDGET_S:-2}" --deadline-s 300
 echo "# ops done in $((SECONDS - start)) s"
-"$PY" -m benchmarks.bench_train_step --device cpu --suite cpu
+"$PY" -m benchmarks.bench_train_step --device cpu --suite cpu --rounds 4 --deadline-s $((480 - (SECONDS - start)))
 echo "# training steps done in $((SECONDS - start)) s"
 "$PY" -m benchmarks.report
 echo "# CPU suite finished in $((SECONDS - start)) s"
