@@ -167,3 +167,46 @@ def test_compile_candidate_agrees_with_eager():
     by = {r["backend"]: r for r in recs}
     assert "error" not in by[bench_ops.COMPILE], by[bench_ops.COMPILE]
     assert by[bench_ops.COMPILE]["rel_err_vs_eager"] < 1e-5 and math.isclose(by[bench_ops.COMPILE]["x_compile"], 1.0)
+
+
+def _rec(**kw):
+    base = {"dtype": "float32", "shape": [1], "mask": "none", "bytes": 1, "q20_ms": 0.9, "q80_ms": 1.1, "n": None,
+            "gbps": 1.0, "pct_copy_bw": 1.0, "x_compile": 1.0, "rel_err_vs_eager": 0.0, "peak_mb": 1.0}
+    base.update(kw)
+    base["q20_ms"], base["q80_ms"] = 0.9 * base["median_ms"], 1.1 * base["median_ms"]
+    return base
+
+
+def test_report_checks_gpu_targets_from_records(tmp_path):
+    """The GPU side of the report (unrun here: no GPU) on hand-made records: targets met / missed as the numbers say."""
+    meta = common.run_metadata(CPU, ["test"])
+    meta.update(device_type="cuda", device="Fake GPU", device_tag="cuda-fake")
+    gmm = dict(op="gmm_fwdbwd", case="target-b4096-d3072")
+    ops = [_rec(**gmm, backend="torch-eager", median_ms=9.0, x_eager=1.0),
+           _rec(**gmm, backend="triton", median_ms=1.0, x_eager=9.0),
+           _rec(**gmm, backend="native", median_ms=5.0, x_eager=1.8),
+           _rec(**gmm, backend="original-fullcov", median_ms=300.0, x_eager=0.03),
+           _rec(op="coupling_fwdbwd", case="large-c12-64x64-b256", backend="triton", median_ms=1.0, x_eager=3.0,
+                pct_copy_bw=80.0)]
+    steps = [dict(config="cifar", backend="torch", variant="eager", median_ms=30.0, q20_ms=29.0, q80_ms=31.0,
+                  x_eager=1.0, x_original=4.0, peak_mb=1000.0, loss_first=1.0),
+             dict(config="cifar", backend="triton", variant="cudagraph", median_ms=20.0, q20_ms=19.0, q80_ms=21.0,
+                  x_eager=1.5, x_original=6.0, peak_mb=1100.0, loss_first=1.0),
+             dict(config="cifar", backend="original", variant="eager", median_ms=120.0, q20_ms=110.0, q80_ms=130.0,
+                  x_eager=0.25, x_original=1.0, peak_mb=900.0, loss_first=1.0)]
+    common.write_results("ops", meta, ops, tmp_path, extra={"copy_bandwidth": {"gbps": 3000.0}})
+    common.write_results("train_step", meta, steps, tmp_path)
+    runs = report.newest_runs(tmp_path)["cuda-fake"]
+    rows = {(r[0], r[1]): r for r in report.target_rows(runs["ops"], runs["train_step"], "cuda")}
+    gmm_orig = "GMM NLL fwd+bwd (B=4096, D=3072, K=10) >= 100x the original full-covariance prior"
+    assert rows[(gmm_orig, "triton")][2:] == ["300.00x (1.00 ms)", "yes"]
+    assert rows[(gmm_orig, "native")][2:] == ["60.00x (5.00 ms)", "no"]
+    assert rows[("coupling fwd+bwd (B=256, C=12, 64x64) >= 75% of copy bandwidth", "triton")][2:] == \
+        ["80% (1.00 ms)", "yes"]
+    step = {r[0]: r for r in report.target_rows(None, runs["train_step"], "cuda")}
+    assert step["CIFAR-10 step, batch 64: >= 1.3x eager reference"][2:] == ["1.50x (20.0 ms)", "yes"]
+    assert step["CIFAR-10 step, batch 64: >= 3x the original formulation"][3] == "yes"
+    assert step["CIFAR-10 step, batch 64: peak memory <= eager's"][2:] == ["1.10x (20.0 ms)", "no"]
+    assert any("not measured" in r[2] for r in report.target_rows(runs["ops"], None, "cuda"))
+    result = report.build(tmp_path, None, write_readme=False)
+    assert "Fake GPU" in result["report"].read_text() and result["pngs"]["cuda-fake"].exists()
