@@ -217,7 +217,8 @@ def run_metadata(device: torch.device, argv: list[str] | None = None) -> dict:
         "backend_reasons": {b: _backend.unavailable_reason(b) for b in ("triton", "native")},
         "native_build": native_build,
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
-        "git_commit": _git("rev-parse", "HEAD"),
+        # a copy of the tree without .git (e.g. on a lent GPU machine) takes the commit from the environment
+        "git_commit": _git("rev-parse", "HEAD") or os.environ.get("FLOWGMM_BENCH_COMMIT"),
         "git_dirty": bool(status) if status is not None else None,
         "command": " ".join(argv if argv is not None else sys.argv),
     }

@@ -10,6 +10,7 @@
 # and the JSON files into benchmarks/results/ too. The device machine keeps nothing: copy the two JSON files from the
 # tool's files_at folder into benchmarks/results/, run `python -m benchmarks.report` here, and commit them.
 # Uses the machine's python3 (its own torch/triton; nothing is installed from outside: it has no network).
+# Where the copied tree has no .git, pass the commit: FLOWGMM_BENCH_COMMIT=$(git rev-parse HEAD) bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/benchmarks/results/gpu_run}
@@ -26,7 +27,7 @@ left() { echo $((BUDGET - (SECONDS - start))); }
     date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
     nvcc --version | tail -2
     "$PY" -c "import torch, triton; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"
-    git log -1 --format='commit %H %s' 2>/dev/null
+    git log -1 --format='commit %H %s' 2>/dev/null || echo "no .git here; FLOWGMM_BENCH_COMMIT=${FLOWGMM_BENCH_COMMIT:-unset}"
 } > "$OUT/build.log" 2>&1
 NVCC=$(command -v nvcc || true)
 export CUDA_HOME=${CUDA_HOME:-${NVCC:+$(dirname "$(dirname "$NVCC")")}}
