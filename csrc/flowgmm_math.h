@@ -3,9 +3,9 @@
 // flowgmm_fast/ops/reference.py (its module docstring); `acc` is float for float/bfloat16/half inputs, double for
 // double.
 //
-// Transcendentals: on the device the CUDA libm (expf, tanhf, ...); on the host, for float, branch-free
-// polynomial exp/tanh (Cephes-style, ~2 ulp) that GCC vectorises inside the CPU loops (glibc's scalar expf/tanhf
-// would not vectorise and would lose to eager PyTorch's SLEEF kernels); double always uses libm.
+// Transcendentals: on the device the CUDA libm (expf, tanhf, ...); on the host, for float, a branch-free polynomial
+// exp (Cephes-style, ~2 ulp) and tanh built on it, which GCC vectorises inside the CPU loops (glibc's scalar
+// expf/tanhf would not vectorise and would lose to eager PyTorch's SLEEF kernels); double always uses libm.
 #pragma once
 
 #include <cmath>

@@ -97,6 +97,7 @@ COUPLING_CASES = (
     [((2, 3, 5, 6), mask, scale, rev) for mask in ("none", "tensor", "checker0", "checker1")
      for scale in (False, True) for rev in (False, True)]
     + [(shape, mask, True, rev) for shape, mask in (((1, 1, 2, 2), "checker1"), ((3, 4, 5, 7), "checker0"),
+                                                     ((2, 5, 1, 1), "checker1"),
                                                      ((2, 3, 7), "tensor"), ((3, 5), "none"), ((1, 41), "tensor"),
                                                      ((4, 37), "none"))
        for rev in (False, True)]
