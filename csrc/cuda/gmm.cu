@@ -61,7 +61,7 @@ __global__ void __launch_bounds__(kThreads) gmm_bwd_kernel(
     const int64_t* __restrict__ labels, double label_weight, int64_t B, int64_t K, int64_t D, int64_t rows,
     bool diag, zt* gz, at::opmath_type<zt>* g_means, at::opmath_type<zt>* g_log_std, at::opmath_type<zt>* g_pi) {
   using acc = at::opmath_type<zt>;
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   acc* G = reinterpret_cast<acc*>(smem_raw);  // (rows, K): dL/dlog N
   acc* P = G + rows * K;                      // (rows, K): dL/dlog pi
   const int64_t b0 = static_cast<int64_t>(blockIdx.y) * rows;
@@ -173,7 +173,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gmm_bwd(const OptTensor& grad_nll, co
     const int64_t col_blocks = cuda_detail::ceil_div(D, kThreads);
     const int64_t chunks = std::clamp<int64_t>(cuda_detail::target_blocks() / col_blocks, 1, B);
     int64_t rows = std::min<int64_t>(cuda_detail::ceil_div(B, chunks), max_rows);
-    while (cuda_detail::ceil_div(B, rows) > 65535) rows = std::min<int64_t>(rows * 2, max_rows);
+    while (cuda_detail::ceil_div(B, rows) > 65535 && rows < max_rows) rows = std::min<int64_t>(rows * 2, max_rows);
     TORCH_CHECK(cuda_detail::ceil_div(B, rows) <= 65535, "gmm_bwd (CUDA): batch too large for K = ", K);
     const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(cuda_detail::ceil_div(B, rows)));
     const size_t smem = static_cast<size_t>(2 * rows * K * elt);
