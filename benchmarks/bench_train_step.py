@@ -287,8 +287,10 @@ def main(argv: list[str] | None = None) -> dict:
     for i, name in enumerate(names):
         cfg = CONFIGS[name]
         cfg_variants = variants if cfg.compile_variants else [v for v in variants if "compile" not in v]
+        # each config gets an equal share of the time left, so a slow one cannot starve the next
+        share = None if deadline is None else time.monotonic() + (deadline - time.monotonic()) / (len(names) - i)
         recs = run_config(cfg, device, backends, cfg_variants, cpu_rounds=args.rounds, cuda_rep_ms=args.rep_ms,
-                          deadline=deadline)
+                          deadline=share)
         print_table(recs, header=i == 0)
         records += recs
     result = {"meta": meta, "suite": suite_name, "records": records}
