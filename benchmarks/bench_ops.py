@@ -381,6 +381,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--budget", type=float, default=3.0, help="CPU: seconds of timing per case (all candidates)")
     p.add_argument("--rounds", type=int, default=15, help="CPU: rounds of side-by-side samples per case (max)")
     p.add_argument("--rep-ms", type=int, default=100, help="CUDA: do_bench repetition time per candidate (ms)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU: torch.set_num_threads for the run (default: torch's choice; recorded in the file)")
     p.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results)")
     p.add_argument("--no-write", action="store_true", help="print only, write no results file")
     p.add_argument("--deadline-s", type=float, default=None,
@@ -405,6 +407,10 @@ def main(argv: list[str] | None = None) -> dict:
         if missing:
             raise SystemExit(f"--backends: {missing} not usable on {device.type} here (usable: {here}; reasons: "
                              f"{ {b: _backend.unavailable_reason(b) for b in missing} })")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     _configure_dynamo()
     torch.manual_seed(0)
     meta = common.run_metadata(device, [sys.argv[0]] + list(argv if argv is not None else sys.argv[1:]))

@@ -246,6 +246,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     p.add_argument("--rounds", type=int, default=5, help="CPU: side-by-side rounds per config")
     p.add_argument("--rep-ms", type=int, default=500, help="CUDA: do_bench repetition time per variant (ms)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU: torch.set_num_threads for the run (default: torch's choice; recorded in the file)")
     p.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results)")
     p.add_argument("--variants", default=None,
                    help="comma-separated subset of eager,compile (and cudagraph,compile+cudagraph on CUDA)")
@@ -269,6 +271,10 @@ def main(argv: list[str] | None = None) -> dict:
     missing = [b for b in backends if b not in here]
     if missing:
         raise SystemExit(f"--backends: {missing} not usable on {device.type} here (usable: {here})")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     _configure_dynamo()
     meta = common.run_metadata(device, [sys.argv[0]] + list(argv if argv is not None else sys.argv[1:]))
     print(f"# {meta['device']} | torch {meta['torch']} | commit {str(meta['git_commit'])[:8]} | backends {backends}",

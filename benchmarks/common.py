@@ -62,9 +62,10 @@ def device_name(device: torch.device) -> str:
 
 
 def device_tag(device: torch.device) -> str:
-    """Short file-name-safe tag of the device, e.g. ``cpu`` or ``cuda-nvidia-h100-80gb-hbm3``."""
+    """Short file-name-safe tag of the device, e.g. ``cpu-2t`` (CPU with torch's thread count: runs with different
+    thread counts are kept apart) or ``cuda-nvidia-h100-80gb-hbm3``."""
     if device.type != "cuda":
-        return "cpu"
+        return f"cpu-{torch.get_num_threads()}t"
     return "cuda-" + re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
 
 

@@ -148,8 +148,9 @@ def test_report_writes_tables_plot_and_readme_block(smoke_runs, tmp_path, capsys
     text = readme.read_text()
     assert result["readme_updated"] and "stale" not in text
     assert text.startswith("# title\n\nbefore\n\n" + report.START) and text.endswith(report.END + "\n\nafter\n")
-    assert "| op | case (shape) | torch-eager" in text and "Training step" in text and "perf_cpu.png" in text
-    assert (out / "perf_cpu.png").stat().st_size > 1000
+    tag = common.device_tag(CPU)
+    assert "| op | case (shape) | torch-eager" in text and "Training step" in text and f"perf_{tag}.png" in text
+    assert (out / f"perf_{tag}.png").stat().st_size > 1000
     full = (out / "report.md").read_text()
     assert "gmm_fwdbwd" in full and "original-fullcov" in full and "smoke-tabular" in full
     # without the markers: README untouched, the block printed
