@@ -108,6 +108,16 @@ def _check_data(x: torch.Tensor, labels: torch.Tensor, num_classes: int):
 def fit_flowgmm(model: FlowGMM, x: torch.Tensor, labels: torch.Tensor, config: FitConfig, *,
                 progress: bool | str = True, callback: Callable[[int, dict], None] | None = None,
                 optimizer: torch.optim.Optimizer | None = None, scheduler=None, start_step: int = 0) -> list[dict]:
+    """Train ``model`` in place on (x, labels); see :func:`_fit` for the arguments. Dropout draws from the global RNG
+    re-seeded with ``config.seed`` inside ``torch.random.fork_rng``, so a run depends on its seed only (not on what
+    ran before in the process) and the caller's RNG state is left untouched."""
+    devices = [x.device.index or 0] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(config.seed)
+        return _fit(model, x, labels, config, progress, callback, optimizer, scheduler, start_step)
+
+
+def _fit(model, x, labels, config, progress, callback, optimizer, scheduler, start_step) -> list[dict]:
     """Train ``model`` in place on (x, labels) and return the logged history ``[{"step", "loss", "nll_labeled",
     "nll_unlabeled", "lr"}]`` (one entry every ``config.log_every`` steps and at the last step).
 
