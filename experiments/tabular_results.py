@@ -109,14 +109,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
+    try:  # the code this run loaded: taken before training, not after
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=False).stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
     t0 = time.perf_counter()
     results = {name: run_dataset(name, args.seeds, args.quick) for name in args.datasets}
     wall = time.perf_counter() - t0
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=False).stdout.strip()
-    except OSError:
-        commit = "unknown"
     meta = {"seeds": args.seeds, "wall_s": round(wall, 1), "commit": commit, "torch": torch.__version__,
             "cpu": platform.processor() or platform.machine(), "threads": args.threads, "quick": args.quick}
     with open(os.path.join(args.out, "results.json"), "w") as f:
