@@ -73,7 +73,8 @@ class AffineCoupling(Flow):
         if st.shape[1] != 2 * n_out:
             raise ValueError(f"st_net must return {2 * n_out} channels (s and t for {n_out}) on dim 1, "
                              f"got shape {tuple(st.shape)}")
-        return st.chunk(2, dim=1)
+        # under autocast the s/t net runs in bf16/fp16; the coupling itself stays in the flow's dtype
+        return st.to(cond.dtype).chunk(2, dim=1)
 
     def forward(self, x, sldj=None, reverse=False):
         if x.dim() < 2 or x.shape[1] != self.channels:
