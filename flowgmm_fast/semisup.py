@@ -41,13 +41,21 @@ def build_tabular_flowgmm(dim: int, num_classes: int, *, num_coupling_layers: in
 
 
 @torch.no_grad()
-def init_means_from_labeled(model: FlowGMM, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def init_means_from_labeled(model: FlowGMM, x: torch.Tensor, labels: torch.Tensor,
+                            min_separation: float | None = 4.0) -> torch.Tensor:
     """Data-dependent means: mu_k = mean of f(x) over the labeled points of class k (the flow in eval mode); classes
-    without labels keep their mean. Not in the original (its means are random and fixed, REFERENCE.md); with few labels
-    in many dimensions it starts the components where the classes are instead of asking the flow to move every class
-    onto a random point (measured effect on sklearn digits: experiments/RESULTS.md).
-    Returns the (K, D) means written into ``model.prior.means``."""
+    without labels keep their mean. Then, when ``min_separation`` is given and the closest two means are nearer than
+    ``min_separation`` x the largest component std, all means are scaled about their centroid until they are not.
+
+    Not in the original (its means are random and fixed, REFERENCE.md). Why: with the fixed sigma = softplus(1) ~ 1.31,
+    components whose means lie closer than a few sigma overlap, and the unlabeled likelihood is then fitted by a blend
+    of components instead of one per class; random means also ask the flow to carry every class to an arbitrary
+    point. Measured effect (2-D sets, digits, breast-cancer): experiments/RESULTS.md.
+    Returns the (K, D) means written into ``model.prior.means``.
+    """
     _check_data(x, labels, model.prior.num_classes)
+    if min_separation is not None and not min_separation > 0:
+        raise ValueError(f"min_separation must be > 0 or None, got {min_separation!r}")
     was_training = model.training
     model.eval()
     z, _ = model.encode(x[labels >= 0])
@@ -57,6 +65,14 @@ def init_means_from_labeled(model: FlowGMM, x: torch.Tensor, labels: torch.Tenso
         sel = y == k
         if bool(sel.any()):
             means[k] = z[sel].mean(0).to(means.dtype)
+    k = means.shape[0]
+    if min_separation is not None and k > 1:
+        dist = torch.cdist(means, means).fill_diagonal_(float("inf"))
+        target = min_separation * float(torch.exp(model.prior.log_std).max())
+        closest = float(dist.min())
+        if closest < target:
+            centre = means.mean(0)
+            means.copy_(centre + (means - centre) * (target / max(closest, 1e-12)))
     model.train(was_training)
     return means.detach()
 

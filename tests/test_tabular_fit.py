@@ -53,13 +53,21 @@ def test_init_means_from_labeled_puts_means_at_class_latents():
     labels = torch.from_numpy(semisup_labels(y, balanced_labeled_indices(y, 16, seed=0)))
     x = torch.from_numpy(x)
     model = build_tabular_flowgmm(2, 8, num_coupling_layers=2, hidden_dim=16, seed=0)
-    means = init_means_from_labeled(model, x, labels)
+    means = init_means_from_labeled(model, x, labels, min_separation=None).clone()
     model.eval()
     with torch.no_grad():
         z, _ = model.encode(x[labels >= 0])
     for k in range(8):
         torch.testing.assert_close(means[k], z[labels[labels >= 0] == k].mean(0))
     assert accuracy(model, x, torch.from_numpy(y)) > 0.95   # nearest class-mean already separates 8 tight blobs
+    sigma = float(torch.exp(model.prior.log_std).max())
+    assert float(torch.pdist(means).min()) < 4 * sigma         # blobs 1.5 apart: closer than 4 sigma = 5.25
+    spread = init_means_from_labeled(model, x, labels)         # default: scaled about the centroid to 4 sigma
+    assert abs(float(torch.pdist(spread).min()) - 4 * sigma) < 1e-4
+    ratio = (spread - spread.mean(0)).norm(dim=1) / (means - means.mean(0)).norm(dim=1)
+    torch.testing.assert_close(ratio, torch.full_like(ratio, float(ratio[0])))
+    with pytest.raises(ValueError, match="min_separation"):
+        init_means_from_labeled(model, x, labels, min_separation=0.0)
 
 
 def test_fit_rejects_bad_input():
