@@ -11,7 +11,7 @@ logistic regression on the labels only. Prints a table of test accuracies and wr
                class-conditional samples (one row per class); test accuracies
   results.md   the printed table (markdown) with the settings and wall time
 
-    python experiments/demo.py                 # full demo (measured: 50-96 s wall on a busy shared 2-core CPU)
+    python experiments/demo.py                 # full demo (measured: 50-111 s wall on a busy shared 2-core CPU)
     python experiments/demo.py --quick         # a few steps per model: checks the pipeline, not the accuracy
 """
 
