@@ -1,13 +1,14 @@
 """FlowGMM on 2-D synthetic data with a handful of labels: figures and test accuracies (the original's toy notebooks).
 
 For each data set (two moons, concentric circles, 8 Gaussians, pinwheel) a small RealNVPTabular FlowGMM (component
-means started at the labeled class means, spread to 4 sigma apart) is trained twice on the same labels: semi-supervised (labeled + unlabeled points) and on the labeled points only (the original's
+means started at the labeled class means, spread to 4 sigma apart) is trained twice on the same labels:
+semi-supervised (labeled + unlabeled points) and on the labeled points only (the original's
 second notebook). One figure per data set, ``<out>/<name>.png``, rows = the two variants, columns:
   data with the labeled points | learned density log p(x) | latent z = f(x) with the components |
   decision regions | class-conditional samples
 and a markdown table of test accuracies in ``<out>/synthetic.md`` (also printed).
 
-    python experiments/synthetic.py                        # all four sets (~2-3 min on a shared 2-core CPU)
+    python experiments/synthetic.py                        # all four sets (measured: 6.5 min, busy 2-core CPU)
     python experiments/synthetic.py --datasets pinwheel --steps 1000
     python experiments/synthetic.py --quick                # a few steps: checks the pipeline only
 """

@@ -43,7 +43,6 @@ import math
 import os
 import sys
 
-import numpy as np
 import torch
 
 from flowgmm_fast.data import tabular as T
@@ -95,7 +94,8 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--eval-every", type=int, default=None, help="steps between test evaluations (default: end)")
     p.add_argument("--save-every", type=int, default=None, help="steps between checkpoints (default: end)")
-    p.add_argument("--run-dir", help="TensorBoard logs, checkpoint and metrics (default runs/tabular_<dataset>_s<seed>)")
+    p.add_argument("--run-dir",
+                   help="TensorBoard logs, checkpoint and metrics (default runs/tabular_<dataset>_s<seed>)")
     p.add_argument("--resume", action="store_true", help="continue from <run-dir>/last.pt")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

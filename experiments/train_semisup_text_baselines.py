@@ -5,7 +5,7 @@ kNN, logistic regression, label spreading, a 3-layer MLP with dropout (labels on
 ``experiments/train_semisup_flowgmm_tabular.py`` (same loaders, same standardisation, same balanced split for a
 seed or the same --split file), so the numbers compare with its test accuracy.
 
-    python experiments/train_semisup_text_baselines.py --dataset ag_news --features data/ag_news_minilm.npz --seeds 0 1 2
+    python experiments/train_semisup_text_baselines.py --dataset ag_news --features data/ag_news.npz --seeds 0 1 2
     python experiments/train_semisup_text_baselines.py --dataset digits --seeds 0 1 2 --methods knn label_spreading
 """
 

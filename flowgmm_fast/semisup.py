@@ -25,7 +25,8 @@ from .model import FlowGMM
 from .nn import GaussianMixture, RealNVPTabular
 from .training.losses import semisup_loss
 
-__all__ = ["build_tabular_flowgmm", "init_means_from_labeled", "FitConfig", "fit_flowgmm", "predict", "accuracy", "steps_for_epochs"]
+__all__ = ["build_tabular_flowgmm", "init_means_from_labeled", "FitConfig", "fit_flowgmm", "predict", "accuracy",
+           "steps_for_epochs"]
 
 
 def build_tabular_flowgmm(dim: int, num_classes: int, *, num_coupling_layers: int = 10, hidden_dim: int = 256,

