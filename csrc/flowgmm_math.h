@@ -25,14 +25,11 @@ namespace math {
 
 #if !defined(__CUDA_ARCH__)
 // exp for float, vectorisable: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-6 polynomial, 2^n via the exponent
-// bits. Exact 0 below -87.3 (where the result would be denormal) and +inf above 88.7; NaN propagates.
-FG_HD float host_expf(float x) {
-  const float lo = -87.3f, hi = 88.5f;
-  float xc = x < lo ? lo : x;
-  xc = xc > hi ? hi : xc;
+// bits. Valid for |x| <= 87 (no special cases; used where the argument is bounded).
+FG_HD float host_expf_bounded(float x) {
   const float magic = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer
-  float n = (xc * 1.44269504088896341f + magic) - magic;
-  float r = xc - n * 0.693359375f;
+  const float n = (x * 1.44269504088896341f + magic) - magic;
+  float r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -40,13 +37,24 @@ FG_HD float host_expf(float x) {
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  float e = p * r * r + r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  const float e = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  float out = e * scale;
+  return e * scale;
+}
+
+// exp for float over the whole range: exact 0 below -87.3 (where the result would be denormal), e^(x - 1) e near the
+// top (keeps 2^n finite), +inf above ln(FLT_MAX); NaN propagates.
+FG_HD float host_expf(float x) {
+  const float lo = -87.3f, hi = 88.7228f;  // ln(FLT_MAX)
+  float xc = x < lo ? lo : x;
+  xc = xc > hi ? hi : xc;
+  const bool top = xc > 88.0f;
+  float out = host_expf_bounded(top ? xc - 1.0f : xc);
+  out = top ? out * 2.71828182845904524f : out;
   out = x < lo ? 0.0f : out;
-  out = x > 88.7f ? INFINITY : out;
+  out = x > hi ? INFINITY : out;
   return out;
 }
 
@@ -55,7 +63,7 @@ FG_HD float host_expf(float x) {
 FG_HD float host_tanhf(float x) {
   float xc = x > 9.0f ? 9.0f : x;
   xc = xc < -9.0f ? -9.0f : xc;
-  return 1.0f - 2.0f / (host_expf(2.0f * xc) + 1.0f);
+  return 1.0f - 2.0f / (host_expf_bounded(2.0f * xc) + 1.0f);
 }
 #endif
 
