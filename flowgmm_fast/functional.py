@@ -93,7 +93,7 @@ def affine_coupling(x, s, t, scale=None, mask=None, reverse=False, sldj=None):
     x, s, t: (B, C, *S) (images (B, C, H, W), vectors (B, D)), same shape, dtype and device.
     scale: optional per-channel (C,) / (C, 1, 1) tensor; s_eff = scale * tanh(s) when given, else s.
     mask: None (every position transformed), a 0/1 tensor broadcastable to x.shape[1:] (1 = kept / conditioning
-        position), or :func:`checkerboard` (parity) for 4-D x.
+        position; treated as a constant, no gradient), or :func:`checkerboard` (parity) for 4-D x.
     forward: y = b x + (1 - b)(x + t) exp(s_eff); sldj_out = sldj + sum_{non-batch} (1 - b) s_eff.
     reverse: y = b x + (1 - b)(x exp(-s_eff) - t); sldj_out = sldj - the same sum.
     sldj: optional (B,) float32/float64 running log-det; sldj_out is float64 if x or sldj is, else float32.
@@ -118,7 +118,7 @@ def affine_coupling(x, s, t, scale=None, mask=None, reverse=False, sldj=None):
         except RuntimeError:
             raise ValueError(f"mask must be broadcastable to x.shape[1:] = {tuple(x.shape[1:])}, "
                              f"got {tuple(mask.shape)}") from None
-        mask = mask.to(x.dtype).contiguous()
+        mask = mask.detach().to(x.dtype).contiguous()  # a constant: no backend differentiates w.r.t. the mask
     sldj = _check_sldj(sldj, x)
     if debug.enabled():
         debug.check_finite("x", x)
