@@ -25,10 +25,11 @@ Presets (REFERENCE.md; every value can be overridden by its flag):
   miniboone      20      3                 300     3e-4   10 couplings, hidden 256
   hepmass        20      10                15      1e-3   10 couplings, hidden 256
   digits         100     1                 300     1e-3   4 couplings, hidden 128, means from the labels
-  breast_cancer  20      1                 300     1e-3   4 couplings, hidden 128
+  breast_cancer  20      1                 300     1e-3   4 couplings, hidden 128, means from the labels
   custom         --      1                 100     3e-4   10 couplings, hidden 256, means from the labels
 The reference means (more than 2 classes: N(0, 0.56^2 I)) are about 0.8 sqrt(D) apart against sigma = 1.31: fine for
-768-d text embeddings, overlapping in a few dimensions, hence --means-init labeled for digits and custom data.
+768-d text embeddings, overlapping in a few dimensions, hence --means-init labeled (the labeled class means in latent
+space, spread to >= 4 sigma apart) for the sklearn sets and custom data.
 
     python experiments/train_semisup_flowgmm_tabular.py --dataset miniboone --data-root data/miniboone
     python experiments/train_semisup_flowgmm_tabular.py --dataset custom --features feats.npz --split lab.txt
@@ -61,7 +62,7 @@ PRESETS = {
     "digits": dict(num_labeled=100, unlabeled_weight=1.0, epochs=300, lr=1e-3, num_coupling_layers=4,
                    hidden_dim=128, means_init="labeled"),
     "breast_cancer": dict(num_labeled=20, unlabeled_weight=1.0, epochs=300, lr=1e-3, num_coupling_layers=4,
-                          hidden_dim=128, means_init="reference"),
+                          hidden_dim=128, means_init="labeled"),
     "custom": dict(num_labeled=None, unlabeled_weight=1.0, epochs=100, lr=3e-4, num_coupling_layers=10,
                    hidden_dim=256, means_init="labeled"),
 }
@@ -86,7 +87,8 @@ def parse_args(argv=None):
     for name in ("batch_size", "num_coupling_layers", "hidden_dim", "num_layers"):
         p.add_argument("--" + name.replace("_", "-"), type=int)
     p.add_argument("--means-init", choices=("reference", "labeled"),
-                   help="reference: REFERENCE.md's fixed random means; labeled: class means of the labeled latents")
+                   help="reference: REFERENCE.md's fixed random means; labeled: class means of the labeled latents, "
+                        "spread to >= 4 sigma apart")
     p.add_argument("--max-steps", type=int, help="stop after this many steps (default: epochs x steps per epoch)")
     p.add_argument("--stop-at", type=int, help="stop with a checkpoint at this step, the schedule unchanged (continue "
                    "later with --resume)")
