@@ -8,7 +8,7 @@ second notebook). One figure per data set, ``<out>/<name>.png``, rows = the two 
   decision regions | class-conditional samples
 and a markdown table of test accuracies in ``<out>/synthetic.md`` (also printed).
 
-    python experiments/synthetic.py                        # all four sets (measured: 6.5 min, busy 2-core CPU)
+    python experiments/synthetic.py                        # all four sets (measured: 63 s to 6.5 min, CPU load)
     python experiments/synthetic.py --datasets pinwheel --steps 1000
     python experiments/synthetic.py --quick                # a few steps: checks the pipeline only
 """
