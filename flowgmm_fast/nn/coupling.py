@@ -15,14 +15,22 @@ MASK_TYPES = ("checkerboard", "channel", "half")
 
 
 class Rescale(nn.Module):
-    """Per-channel learnable scale (initialised to 1); weight-normalised by :class:`AffineCoupling`."""
+    """Per-channel learnable scale (initialised to 1); weight-normalised by :class:`AffineCoupling`.
+
+    The weight is stored as (C, 1), not (C,): Inductor (torch 2.14) normalises a 1-D weight-norm parameter over the
+    whole vector instead of per element, so a compiled model would compute a different scale. ``scale`` is (C,).
+    """
 
     def __init__(self, channels: int):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(channels))
+        self.weight = nn.Parameter(torch.ones(channels, 1))
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return self.weight.reshape(-1)
 
     def forward(self, x):
-        return self.weight * x
+        return self.scale * x
 
 
 class AffineCoupling(Flow):
@@ -80,7 +88,7 @@ class AffineCoupling(Flow):
         if x.dim() < 2 or x.shape[1] != self.channels:
             raise ValueError(f"AffineCoupling({self.channels}, {self.mask_type!r}) expects x with {self.channels} "
                              f"channels on dim 1, got shape {tuple(x.shape)}")
-        scale = self.rescale.weight
+        scale = self.rescale.scale
         if self.mask_type == "checkerboard":
             parity = int(self.reverse_mask)
             b = checkerboard_mask(x.shape[-2], x.shape[-1], parity, x.dtype, x.device)
