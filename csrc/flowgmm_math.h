@@ -194,6 +194,21 @@ FG_HD acc logit_reverse_grad(acc gy, acc gl, acc x, acc alpha) {
   return gy * p * (acc(1) - p) / (acc(1) - acc(2) * alpha) - gl * (acc(2) * p - acc(1));
 }
 
+// Dequantisation u = (255 x + noise) / 256 of 8-bit data scaled to [0, 1].
+template <typename acc>
+FG_HD acc dequantize(acc x, acc noise) {
+  return (x * acc(255) + noise) / acc(256);
+}
+
+// dL/dx of the whole logit op at one element: reverse; forward after dequantisation (chain rule du/dx = 255/256);
+// or plain forward. One copy for the CPU loop and the CUDA kernel.
+template <typename acc>
+FG_HD acc logit_input_grad(acc gy, acc gl, acc x, bool has_noise, acc noise, acc alpha, bool reverse) {
+  if (reverse) return logit_reverse_grad(gy, gl, x, alpha);
+  if (has_noise) return logit_forward_grad(gy, gl, dequantize(x, noise), alpha) * (acc(255) / acc(256));
+  return logit_forward_grad(gy, gl, x, alpha);
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Gaussian mixture (Izmailov et al. 2020, eq. 1-3). Per sample b, with maha_k = sum_d (z_d - mu_kd)^2 / sigma_kd^2:
 //   log N_k = -0.5 maha_k - log_det_k - 0.5 D log(2 pi);   logits_k = log N_k + log pi_k

@@ -66,7 +66,7 @@ std::tuple<Tensor, Tensor> logit_fwd(const Tensor& x_, double alpha, bool revers
             if (reverse) {
               yp[i] = static_cast<scalar_t>(math::logit_reverse(v, a, ls, el));
             } else {
-              if (np) v = (v * acc(255) + static_cast<acc>(np[i])) / acc(256);
+              if (np) v = math::dequantize(v, static_cast<acc>(np[i]));
               yp[i] = static_cast<scalar_t>(math::logit_forward(v, a, ls, el));
             }
             sum += el;
@@ -103,17 +103,10 @@ Tensor logit_bwd(const Tensor& grad_y, const OptTensor& grad_sldj, const Tensor&
       for (int64_t b = begin; b < end; ++b) {
         const acc glb = glp ? glp[b] : acc(0);
         for (int64_t i = b * N; i < (b + 1) * N; ++i) {
-          const acc v = static_cast<acc>(xp[i]), g = static_cast<acc>(gyp[i]);
-          acc out;
-          if (reverse) {
-            out = math::logit_reverse_grad(g, glb, v, a);
-          } else if (np) {
-            const acc u = (v * acc(255) + static_cast<acc>(np[i])) / acc(256);
-            out = math::logit_forward_grad(g, glb, u, a) * (acc(255) / acc(256));
-          } else {
-            out = math::logit_forward_grad(g, glb, v, a);
-          }
-          gxp[i] = static_cast<scalar_t>(out);
+          const acc nz = np ? static_cast<acc>(np[i]) : acc(0);
+          gxp[i] = static_cast<scalar_t>(math::logit_input_grad(static_cast<acc>(gyp[i]), glb,
+                                                                static_cast<acc>(xp[i]), np != nullptr, nz, a,
+                                                                reverse));
         }
       }
     });

@@ -46,7 +46,7 @@ __global__ void __launch_bounds__(kThreads) logit_fwd_kernel(const scalar_t* __r
       if (reverse) {
         y[i] = static_cast<scalar_t>(math::logit_reverse(v, a, ls, el));
       } else {
-        if (noise) v = (v * acc(255) + static_cast<acc>(noise[i])) / acc(256);
+        if (noise) v = math::dequantize(v, static_cast<acc>(noise[i]));
         y[i] = static_cast<scalar_t>(math::logit_forward(v, a, ls, el));
       }
     }
@@ -65,17 +65,9 @@ __global__ void __launch_bounds__(kThreads) logit_bwd_kernel(const scalar_t* __r
   const acc a = static_cast<acc>(alpha);
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const acc g = static_cast<acc>(gy[i]), glb = gl ? gl[i / N] : acc(0), v = static_cast<acc>(x[i]);
-    acc out;
-    if (reverse) {
-      out = math::logit_reverse_grad(g, glb, v, a);
-    } else if (noise) {
-      const acc u = (v * acc(255) + static_cast<acc>(noise[i])) / acc(256);
-      out = math::logit_forward_grad(g, glb, u, a) * (acc(255) / acc(256));
-    } else {
-      out = math::logit_forward_grad(g, glb, v, a);
-    }
-    gx[i] = static_cast<scalar_t>(out);
+    const acc glb = gl ? gl[i / N] : acc(0), nz = noise ? static_cast<acc>(noise[i]) : acc(0);
+    gx[i] = static_cast<scalar_t>(math::logit_input_grad(static_cast<acc>(gy[i]), glb, static_cast<acc>(x[i]),
+                                                         noise != nullptr, nz, a, reverse));
   }
 }
 
