@@ -1,8 +1,9 @@
 // flowgmm_native: op schemas, input checks, CPU/CUDA dispatch registration and the Python module flowgmm_fast._C.
 //
 // Each op checks its arguments once here (clear errors naming the argument), then calls the CPU loops
-// (csrc/cpu/*.cpp) or the CUDA launchers (csrc/cuda/*.cu). Autograd and fake (meta) kernels are registered from
-// Python (flowgmm_fast/ops/native_ops.py), so the ops are opaque to torch.compile and differentiable.
+// (csrc/cpu/*.cpp) or the CUDA launchers (csrc/cuda/*.cu). Autograd is registered in C++ (csrc/autograd.cpp), the
+// fake (meta) kernels from Python (flowgmm_fast/ops/native_ops.py): the ops are differentiable and opaque to
+// torch.compile.
 #include <Python.h>
 
 #include <torch/library.h>

@@ -87,6 +87,13 @@ def _coupling_inputs(shape, mask, scale, sldj, device, seed=0):
     m, parity = None, -1
     if mask == "tensor":
         m = (torch.rand(shape[1:], generator=gen) > 0.5).float()
+    elif mask in ("half", "halfrev"):  # RealNVPTabular's masks: two runs of features
+        m = (torch.arange(shape[1]) < shape[1] // 2).float()
+        m = 1 - m if mask == "halfrev" else m
+    elif mask.startswith("blocks"):  # runs of 2 features, alternately kept and not; "blocks-frac": non-kept = 0.25
+        m = ((torch.arange(shape[1]) // 2) % 2 == 0).float()
+        if mask == "blocks-frac":
+            m[m == 0] = 0.25
     elif mask.startswith("checker"):
         parity = int(mask[-1])
     to = (lambda v: None if v is None else v.to(device))
@@ -99,7 +106,11 @@ COUPLING_CASES = (
     + [(shape, mask, True, rev) for shape, mask in (((1, 1, 2, 2), "checker1"), ((3, 4, 5, 7), "checker0"),
                                                      ((2, 5, 1, 1), "checker1"),
                                                      ((2, 3, 7), "tensor"), ((3, 5), "none"), ((1, 41), "tensor"),
-                                                     ((4, 37), "none"))
+                                                     ((4, 37), "none"),
+                                                     # vector masks walked as runs of kept / transformed features:
+                                                     # 2 runs, 16 runs (the most taken as runs), 17 (plain loop)
+                                                     ((3, 40), "half"), ((2, 41), "halfrev"), ((2, 32), "blocks"),
+                                                     ((2, 34), "blocks"), ((2, 30), "blocks-frac"))
        for rev in (False, True)]
 )
 
@@ -150,14 +161,46 @@ def test_coupling_non_contiguous_and_sldj_dtypes(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("mask", ["none", "tensor", "checker1"])
+@pytest.mark.parametrize("shape,mask", [((2, 3, 3, 4), "none"), ((2, 3, 3, 4), "tensor"), ((2, 3, 3, 4), "checker1"),
+                                        ((3, 10), "half"), ((2, 12), "blocks-frac")])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_coupling_gradcheck(device, mask, reverse):
-    (x, s, t, sc, sl), m, parity = _coupling_inputs((2, 3, 3, 4), mask, True, True, device, seed=5)
+def test_coupling_gradcheck(device, shape, mask, reverse):
+    (x, s, t, sc, sl), m, parity = _coupling_inputs(shape, mask, True, True, device, seed=5)
     args = [v.double().requires_grad_() for v in (x, s, t, sc, sl)]
     m = None if m is None else m.double()
     assert torch.autograd.gradcheck(
         lambda x, s, t, sc, sl: _native().affine_coupling(x, s, t, sc, m, parity, reverse, sl), args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_coupling_exp_over_the_float_range(device):
+    """y = exp(s) (x = 1, t = 0, no scale) across float32's range: the CPU's vectorised exp (csrc/flowgmm_math.h) must
+    match torch.exp to ~1 ulp, overflow to inf where it does, reach FLT_MAX's neighbourhood (2^(n-1) * 2 for n = 128)
+    and propagate NaN. Below -86.64 it flushes to 0 (torch gives values under 2.4e-38)."""
+    s = torch.cat([torch.linspace(-100, 100, 20001), torch.tensor([88.72, 88.7228, 88.73, -86.6, -87.5, float("inf"),
+                                                                   float("-inf"), float("nan")])]).to(device)
+    x, t = torch.ones_like(s), torch.zeros_like(s)
+    y, ldj = _native().affine_coupling(x.view(1, -1), s.view(1, -1), t.view(1, -1), None, None, -1, False, None)
+    ref = torch.exp(s)
+    y = y.view(-1)
+    assert torch.equal(torch.isnan(y), torch.isnan(ref))
+    assert torch.equal(torch.isposinf(y), torch.isposinf(ref))
+    finite = torch.isfinite(ref)
+    torch.testing.assert_close(y[finite], ref[finite], rtol=3e-7, atol=2.5e-38)
+    assert float(y[20001]) > 3.3e38  # exp(88.72), n = 128: finite, just under FLT_MAX
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_coupling_tanh_scale_small_and_large_s(device):
+    """s_eff = scale * tanh(s) with s from 1e-6 (tanh ~ s: relative accuracy matters) to +-30 (saturated)."""
+    mag = torch.logspace(-6, 1.5, 400)
+    s = torch.cat([mag, -mag]).to(device).view(1, -1)
+    x, t = torch.zeros_like(s), torch.zeros_like(s)
+    scale = torch.ones(s.shape[1], device=device)
+    _, ldj = _native().affine_coupling(x, s, t, scale, None, -1, False, None)
+    y, _ = _native().affine_coupling(torch.ones_like(s), s, t, scale, None, -1, False, None)
+    torch.testing.assert_close(torch.log(y), torch.tanh(s), rtol=2e-6, atol=2e-7)
+    torch.testing.assert_close(ldj, torch.tanh(s).sum(1), rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------------- squeeze

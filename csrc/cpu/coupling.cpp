@@ -6,7 +6,9 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <type_traits>
+#include <vector>
 
 #include "flowgmm_math.h"
 #include "ops.h"
@@ -54,6 +56,15 @@ Tensor mask_rows(const OptTensor& mask, int64_t parity, const Tensor& x) {
   return pattern;
 }
 
+// Vector mode (S == 1) walks each row b as segments of features: `compute` segments run the coupling math, the others
+// are features the mask keeps exactly (b == 1), where y = x, the log-det term is 0 and the gradients are gx = gy,
+// gs = gt = 0 -- so a half mask does the exp/tanh work on half the features only. Same result as the formula for
+// finite s and t (the formula would turn a NaN or inf s at a kept feature into NaN via 0 * s; this path ignores it).
+struct Segment {
+  int64_t begin, end;
+  bool compute;
+};
+
 template <typename scalar_t>
 struct Args {
   using acc = at::opmath_type<scalar_t>;
@@ -62,6 +73,8 @@ struct Args {
   scalar_t *y, *gx, *gs, *gt;             // y: forward; gx, gs, gt: backward
   acc* row_red;                           // per row (b, c): log-det (forward) or scale gradient (backward)
   int64_t mask_cstride;                   // S for a (C, S) mask, 0 for the shared checkerboard pattern
+  const Segment* seg;                     // vector mode: the segments of a row (see Segment)
+  int64_t n_seg;
   Geometry g;
 };
 
@@ -77,14 +90,21 @@ inline __attribute__((always_inline)) void forward_range(const Args<scalar_t>& a
       const scalar_t *xr = a.x + b * g.C, *sr = a.s + b * g.C, *tr = a.t + b * g.C;
       scalar_t* yr = a.y + b * g.C;
       acc ldj = 0;
+      for (int64_t k = 0; k < a.n_seg; ++k) {
+        const Segment sg = a.seg[k];
+        if (!sg.compute) {
+          std::copy(xr + sg.begin, xr + sg.end, yr + sg.begin);
+          continue;
+        }
 #pragma omp simd reduction(+ : ldj)
-      for (int64_t c = 0; c < g.C; ++c) {
-        acc s_m;
-        const acc keep = kMode == kVecDense ? static_cast<acc>(m[c]) : acc(0);
-        yr[c] = static_cast<scalar_t>(math::coupling_forward<acc, kScale, kReverse>(
-            static_cast<acc>(xr[c]), static_cast<acc>(sr[c]), static_cast<acc>(tr[c]), kScale ? sc[c] : acc(0), keep,
-            s_m));
-        ldj += s_m;
+        for (int64_t c = sg.begin; c < sg.end; ++c) {
+          acc s_m;
+          const acc keep = kMode == kVecDense ? static_cast<acc>(m[c]) : acc(0);
+          yr[c] = static_cast<scalar_t>(math::coupling_forward<acc, kScale, kReverse>(
+              static_cast<acc>(xr[c]), static_cast<acc>(sr[c]), static_cast<acc>(tr[c]), kScale ? sc[c] : acc(0),
+              keep, s_m));
+          ldj += s_m;
+        }
       }
       a.row_red[b] = ldj;
     }
@@ -122,19 +142,28 @@ inline __attribute__((always_inline)) void backward_range(const Args<scalar_t>& 
       const int64_t o = b * g.C;
       const scalar_t *gyr = a.gy + o, *xr = a.x + o, *sr = a.s + o, *tr = a.t + o;
       scalar_t *gxr = a.gx + o, *gsr = a.gs + o, *gtr = a.gt + o;
-      acc* red = kScale ? a.row_red + o : nullptr;
+      acc* red = a.row_red;  // this chunk's (C,) partial of the scale gradient (see run())
       const acc glb = a.gl ? a.gl[b] : acc(0);
+      for (int64_t k = 0; k < a.n_seg; ++k) {
+        const Segment sg = a.seg[k];
+        if (!sg.compute) {  // kept features: y = x
+          std::copy(gyr + sg.begin, gyr + sg.end, gxr + sg.begin);
+          std::fill(gsr + sg.begin, gsr + sg.end, scalar_t(0));
+          std::fill(gtr + sg.begin, gtr + sg.end, scalar_t(0));
+          continue;
+        }
 #pragma omp simd
-      for (int64_t c = 0; c < g.C; ++c) {
-        acc vx, vs, vt;
-        const acc keep = kMode == kVecDense ? static_cast<acc>(m[c]) : acc(0);
-        const acc gsc = math::coupling_backward<acc, kScale, kReverse>(
-            static_cast<acc>(gyr[c]), glb, static_cast<acc>(xr[c]), static_cast<acc>(sr[c]), static_cast<acc>(tr[c]),
-            kScale ? sc[c] : acc(0), keep, vx, vs, vt);
-        gxr[c] = static_cast<scalar_t>(vx);
-        gsr[c] = static_cast<scalar_t>(vs);
-        gtr[c] = static_cast<scalar_t>(vt);
-        if (kScale) red[c] = gsc;
+        for (int64_t c = sg.begin; c < sg.end; ++c) {
+          acc vx, vs, vt;
+          const acc keep = kMode == kVecDense ? static_cast<acc>(m[c]) : acc(0);
+          const acc gsc = math::coupling_backward<acc, kScale, kReverse>(
+              static_cast<acc>(gyr[c]), glb, static_cast<acc>(xr[c]), static_cast<acc>(sr[c]),
+              static_cast<acc>(tr[c]), kScale ? sc[c] : acc(0), keep, vx, vs, vt);
+          gxr[c] = static_cast<scalar_t>(vx);
+          gsr[c] = static_cast<scalar_t>(vs);
+          gtr[c] = static_cast<scalar_t>(vt);
+          if (kScale) red[c] += gsc;
+        }
       }
     }
     return;
@@ -205,19 +234,83 @@ FLOWGMM_CPU_CLONES void backward_dispatch_f32(const Args<float>& a, bool has_sca
   FLOWGMM_FLAG_CASES(backward_range, float)
 }
 
+// Vector-mode backward with a scale: the rows b are cut into at most one chunk per thread and each chunk sums its
+// scale gradient into its own (C,) row of a.row_red (zeroed by the caller), so no (B, C) array is written and summed.
+int64_t vec_chunks(const Geometry& g) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), at::divup(g.B * g.C, 16384)));
+}
+
+template <typename scalar_t>
+void call_range(bool forward, const Args<scalar_t>& a, bool has_scale, bool reverse, int mode, int64_t begin,
+                int64_t end) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (forward) forward_dispatch_f32(a, has_scale, reverse, mode, begin, end);
+    else backward_dispatch_f32(a, has_scale, reverse, mode, begin, end);
+  } else {
+    if (forward) forward_dispatch(a, has_scale, reverse, mode, begin, end);
+    else backward_dispatch(a, has_scale, reverse, mode, begin, end);
+  }
+}
+
 template <typename scalar_t>
 void run(bool forward, const Args<scalar_t>& a, bool has_scale, bool reverse, int mode) {
   const bool vec = mode >= kVecNoMask;
+  if (vec && !forward && has_scale) {
+    const int64_t chunks = vec_chunks(a.g), rows = at::divup(a.g.B, chunks);
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t k = c0; k < c1; ++k) {
+        Args<scalar_t> ak = a;
+        ak.row_red = a.row_red + k * a.g.C;
+        call_range(false, ak, true, reverse, mode, k * rows, std::min(a.g.B, (k + 1) * rows));
+      }
+    });
+    return;
+  }
   at::parallel_for(0, vec ? a.g.B : a.g.B * a.g.C, vec ? grain_rows(a.g.C) : grain_rows(a.g.S),
-                   [&](int64_t begin, int64_t end) {
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      if (forward) forward_dispatch_f32(a, has_scale, reverse, mode, begin, end);
-      else backward_dispatch_f32(a, has_scale, reverse, mode, begin, end);
-    } else {
-      if (forward) forward_dispatch(a, has_scale, reverse, mode, begin, end);
-      else backward_dispatch(a, has_scale, reverse, mode, begin, end);
+                   [&](int64_t begin, int64_t end) { call_range(forward, a, has_scale, reverse, mode, begin, end); });
+}
+
+// Per-sample log-det from the per-row sums (B, R): sign * sum_r rows[b, r] (+ sldj[b]), in one serial pass (B R is
+// small: rows are (b, c) pairs or samples).
+template <typename acc, typename out_t>
+void finish_ldj(const acc* rows, int64_t B, int64_t R, bool negate, const out_t* sldj, out_t* out) {
+  for (int64_t b = 0; b < B; ++b) {
+    acc sum = 0;
+    for (int64_t r = 0; r < R; ++r) sum += rows[b * R + r];
+    const out_t v = static_cast<out_t>(negate ? -sum : sum);
+    out[b] = sldj ? v + sldj[b] : v;
+  }
+}
+
+// Scale gradient from the per-row (or per-chunk) partials (N, C): sum over N, one serial pass.
+template <typename acc>
+void finish_gscale(const acc* partial, int64_t N, int64_t C, acc* out) {
+  for (int64_t c = 0; c < C; ++c) out[c] = 0;
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c) out[c] += partial[n * C + c];
+}
+
+// The segments of a vector row: maximal runs of features with mask == 1 exactly (kept) and of the others. More than
+// kMaxSegments runs (a scattered mask) -> one compute segment over all features, the plain branch-free loop.
+constexpr size_t kMaxSegments = 16;
+
+template <typename scalar_t>
+std::vector<Segment> vector_segments(const Tensor& mask_c, int64_t C) {
+  std::vector<Segment> seg;
+  if (mask_c.defined()) {
+    const scalar_t* m = mask_c.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      const bool compute = static_cast<double>(m[c]) != 1.0;
+      if (seg.empty() || seg.back().compute != compute) {
+        if (seg.size() == kMaxSegments) return {Segment{0, C, true}};
+        seg.push_back(Segment{c, c + 1, compute});
+      } else {
+        seg.back().end = c + 1;
+      }
     }
-  });
+  }
+  if (seg.empty()) seg.push_back(Segment{0, C, true});
+  return seg;
 }
 
 int loop_mode(bool masked, const Geometry& g) {
@@ -247,6 +340,9 @@ std::tuple<Tensor, Tensor> coupling_fwd(const Tensor& x_, const Tensor& s_, cons
       const Tensor mask_c = mask_rows<scalar_t>(mask, parity, x);
       a.mask = mask_c.defined() ? mask_c.data_ptr<scalar_t>() : nullptr;
       a.mask_cstride = mask ? g.S : 0;
+      const std::vector<Segment> seg = vector_segments<scalar_t>(g.S == 1 ? mask_c : Tensor(), g.C);
+      a.seg = seg.data();
+      a.n_seg = static_cast<int64_t>(seg.size());
       a.scale = scale ? scale_c.data_ptr<acc>() : nullptr;
       a.y = y.data_ptr<scalar_t>();
       a.row_red = row_ldj.data_ptr<acc>();
@@ -256,9 +352,19 @@ std::tuple<Tensor, Tensor> coupling_fwd(const Tensor& x_, const Tensor& s_, cons
   } else {
     row_ldj.zero_();
   }
-  Tensor ldj = row_ldj.sum(1).to(out_t);
-  if (reverse) ldj.neg_();
-  Tensor sldj_out = sldj ? ldj.add_(sldj->to(out_t)) : ldj;
+  // sldj_out = +-sum of the row log-dets (+ sldj)
+  Tensor sldj_out = at::empty({g.B}, x.options().dtype(out_t));
+  const Tensor sldj_in = sldj ? sldj->to(out_t).contiguous() : Tensor();
+  AT_DISPATCH_FLOATING_TYPES(out_t, "coupling_ldj_cpu", [&] {
+    using out_type = scalar_t;
+    if (acc_t == at::kDouble) {
+      finish_ldj<double, out_type>(row_ldj.data_ptr<double>(), g.B, row_ldj.size(1), reverse,
+                                   sldj ? sldj_in.data_ptr<out_type>() : nullptr, sldj_out.data_ptr<out_type>());
+    } else {
+      finish_ldj<float, out_type>(row_ldj.data_ptr<float>(), g.B, row_ldj.size(1), reverse,
+                                  sldj ? sldj_in.data_ptr<out_type>() : nullptr, sldj_out.data_ptr<out_type>());
+    }
+  });
   return {y, sldj_out};
 }
 
@@ -272,11 +378,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> coupling_bwd(const Tensor& grad_y, co
   const auto acc_t = acc_dtype(x.scalar_type());
   const Tensor gl = grad_sldj ? grad_sldj->to(acc_t).contiguous() : Tensor();
   Tensor gx = at::empty_like(x), gs = at::empty_like(x), gt = at::empty_like(x);
-  const auto gscale_shape = std::vector<int64_t>{scale ? g.B : 0, g.C};
-  Tensor row_gscale = x.numel() > 0 ? at::empty(gscale_shape, x.options().dtype(acc_t))
-                                    : at::zeros(gscale_shape, x.options().dtype(acc_t));
-  const Tensor scale_c = scale ? scale->to(acc_t).contiguous() : Tensor();
   const int mode = loop_mode(mask.has_value() || parity >= 0, g);
+  // scale-gradient partials: one (C,) row per row block b (image mode: per sample b, written) or per chunk of samples
+  // (vector mode: accumulated, so zeroed)
+  const bool vec = mode >= kVecNoMask;
+  const int64_t n_partial = !scale ? 0 : (vec ? vec_chunks(g) : g.B);
+  Tensor row_gscale = vec || x.numel() == 0 ? at::zeros({n_partial, g.C}, x.options().dtype(acc_t))
+                                            : at::empty({n_partial, g.C}, x.options().dtype(acc_t));
+  const Tensor scale_c = scale ? scale->to(acc_t).contiguous() : Tensor();
   if (x.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "coupling_bwd_cpu", [&] {
       using acc = at::opmath_type<scalar_t>;
@@ -289,6 +398,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> coupling_bwd(const Tensor& grad_y, co
       const Tensor mask_c = mask_rows<scalar_t>(mask, parity, x);
       a.mask = mask_c.defined() ? mask_c.data_ptr<scalar_t>() : nullptr;
       a.mask_cstride = mask ? g.S : 0;
+      const std::vector<Segment> seg = vector_segments<scalar_t>(g.S == 1 ? mask_c : Tensor(), g.C);
+      a.seg = seg.data();
+      a.n_seg = static_cast<int64_t>(seg.size());
       a.scale = scale ? scale_c.data_ptr<acc>() : nullptr;
       a.gx = gx.data_ptr<scalar_t>();
       a.gs = gs.data_ptr<scalar_t>();
@@ -298,7 +410,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> coupling_bwd(const Tensor& grad_y, co
       run(false, a, scale.has_value(), reverse, mode);
     });
   }
-  Tensor gscale = scale ? row_gscale.sum(0).to(scale->scalar_type()) : at::empty({0}, x.options());
+  Tensor gscale = scale ? at::empty({g.C}, x.options().dtype(acc_t)) : at::empty({0}, x.options());
+  if (scale) {
+    if (acc_t == at::kDouble) {
+      finish_gscale<double>(row_gscale.data_ptr<double>(), n_partial, g.C, gscale.data_ptr<double>());
+    } else {
+      finish_gscale<float>(row_gscale.data_ptr<float>(), n_partial, g.C, gscale.data_ptr<float>());
+    }
+    gscale = gscale.to(scale->scalar_type());
+  }
   return {gx, gs, gt, gscale};
 }
 

@@ -9,9 +9,11 @@ Ops (``torch.ops.flowgmm_native``, schemas in ``csrc/ops.cpp``, named like the t
     logit_fwd / logit_bwd         fused dequantise + logit + log-det
     gmm_fwd / gmm_bwd             GMM log-densities, log pi, logsumexp over K, label gather -> (nll (B,), logits (B, K));
                                   backward from the inputs and the saved (B, K) logits
-The C++ side registers the CPU and CUDA kernels; this module adds ``register_fake`` (shapes for torch.compile and
-opcheck) and ``register_autograd``. Compute dtype: float32 for float32/bfloat16/float16 inputs, float64 for float64;
-log-dets and GMM outputs are float32 (float64 when an input is float64). No gradient flows to ``mask``.
+The C++ side registers the CPU and CUDA kernels (``csrc/ops.cpp``) and the autograd of the forward ops
+(``csrc/autograd.cpp``: C++ ``torch::autograd::Function``s under the Autograd key, far cheaper per call than Python's
+``register_autograd``); this module adds ``register_fake`` (shapes for torch.compile and opcheck). Compute dtype:
+float32 for float32/bfloat16/float16 inputs, float64 for float64; log-dets and GMM outputs are float32 (float64 when
+an input is float64). No gradient flows to ``mask``.
 
 The extension records the torch and CUDA versions it was built against (``_C.build_info()``); a mismatch with the
 running torch makes the backend unavailable with a message naming the rebuild command.
@@ -92,35 +94,11 @@ if _IMPORT_ERROR is None:
         gscale = _empty((x.shape[1],), x, scale.dtype) if scale is not None else _empty((0,), x)
         return _empty(x.shape, x), _empty(x.shape, x), _empty(x.shape, x), gscale
 
-    def _coupling_setup(ctx, inputs, output):
-        x, s, t, scale, mask, parity, reverse, sldj = inputs
-        ctx.save_for_backward(x, s, t, scale, mask)
-        ctx.parity, ctx.reverse = parity, reverse
-        ctx.sldj_dtype = None if sldj is None else sldj.dtype
-
-    def _coupling_backward(ctx, grad_y, grad_sldj):
-        x, s, t, scale, mask = ctx.saved_tensors
-        if grad_y is None:
-            grad_y = torch.zeros_like(x)
-        gx, gs, gt, gscale = _ops.coupling_bwd(grad_y, grad_sldj, x, s, t, scale, mask, ctx.parity, ctx.reverse)
-        g_sldj = None if ctx.sldj_dtype is None or grad_sldj is None else grad_sldj.to(ctx.sldj_dtype)
-        return gx, gs, gt, (gscale if scale is not None else None), None, None, None, g_sldj
-
-    torch.library.register_autograd("flowgmm_native::coupling_fwd", _coupling_backward, setup_context=_coupling_setup)
-
     # ------------------------------------------------------------------------------------------------- squeeze
     @torch.library.register_fake("flowgmm_native::squeeze2x2")
     def _(x, reverse, alt_order):
         b, c, h, w = x.shape
         return _empty((b, c // 4, 2 * h, 2 * w) if reverse else (b, 4 * c, h // 2, w // 2), x)
-
-    def _squeeze_setup(ctx, inputs, output):
-        ctx.reverse, ctx.alt_order = inputs[1], inputs[2]
-
-    def _squeeze_backward(ctx, grad):
-        return _ops.squeeze2x2(grad, not ctx.reverse, ctx.alt_order), None, None
-
-    torch.library.register_autograd("flowgmm_native::squeeze2x2", _squeeze_backward, setup_context=_squeeze_setup)
 
     # --------------------------------------------------------------------------------------------------- logit
     @torch.library.register_fake("flowgmm_native::logit_fwd")
@@ -131,24 +109,6 @@ if _IMPORT_ERROR is None:
     @torch.library.register_fake("flowgmm_native::logit_bwd")
     def _(grad_y, grad_sldj, x, alpha, reverse, noise):
         return _empty(x.shape, x)
-
-    def _logit_setup(ctx, inputs, output):
-        x, alpha, reverse, sldj, noise = inputs
-        ctx.save_for_backward(x, noise)
-        ctx.alpha, ctx.reverse = alpha, reverse
-        ctx.sldj_dtype = None if sldj is None else sldj.dtype
-
-    def _logit_backward(ctx, grad_y, grad_sldj):
-        x, noise = ctx.saved_tensors
-        if grad_y is None:
-            grad_y = torch.zeros_like(x)
-        gx = _ops.logit_bwd(grad_y, grad_sldj, x, ctx.alpha, ctx.reverse, noise)
-        # u = (255 x + noise) / 256: dL/dnoise = dL/du / 256 = dL/dx / 255
-        g_noise = gx / 255 if noise is not None and ctx.needs_input_grad[4] else None
-        g_sldj = None if ctx.sldj_dtype is None or grad_sldj is None else grad_sldj.to(ctx.sldj_dtype)
-        return gx, None, None, g_sldj, g_noise
-
-    torch.library.register_autograd("flowgmm_native::logit_fwd", _logit_backward, setup_context=_logit_setup)
 
     # ----------------------------------------------------------------------------------------------------- gmm
     @torch.library.register_fake("flowgmm_native::gmm_fwd")
@@ -162,19 +122,6 @@ if _IMPORT_ERROR is None:
         gw = (_empty((means.shape[0],), z, weight_logits.dtype) if weight_logits is not None
               else _empty((0,), z, cdt))
         return _empty(z.shape, z), _empty(means.shape, means), _empty(log_std.shape, log_std), gw
-
-    def _gmm_setup(ctx, inputs, output):
-        z, means, log_std, weight_logits, labels, label_weight = inputs
-        ctx.save_for_backward(z, means, log_std, weight_logits, labels, output[1])
-        ctx.label_weight = label_weight
-
-    def _gmm_backward(ctx, grad_nll, grad_logits):
-        z, means, log_std, weight_logits, labels, logits = ctx.saved_tensors
-        gz, gm, gls, gw = _ops.gmm_bwd(grad_nll, grad_logits, z, means, log_std, weight_logits, labels,
-                                       ctx.label_weight, logits)
-        return gz, gm, gls, (gw if weight_logits is not None else None), None, None
-
-    torch.library.register_autograd("flowgmm_native::gmm_fwd", _gmm_backward, setup_context=_gmm_setup)
 
 
 # ------------------------------------------------------------------------------------- normalised signatures
