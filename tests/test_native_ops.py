@@ -105,6 +105,10 @@ COUPLING_CASES = (
      for scale in (False, True) for rev in (False, True)]
     + [(shape, mask, True, rev) for shape, mask in (((1, 1, 2, 2), "checker1"), ((3, 4, 5, 7), "checker0"),
                                                      ((2, 5, 1, 1), "checker1"),
+                                                     # the AVX-512 checkerboard rows (even W, >= 16 pairs): a pair
+                                                     # tail, whole 16-pair groups, two blocks of pairs plus a tail
+                                                     ((2, 3, 6, 10), "checker0"), ((2, 2, 16, 16), "checker1"),
+                                                     ((1, 2, 24, 26), "checker0"),
                                                      ((2, 3, 7), "tensor"), ((3, 5), "none"), ((1, 41), "tensor"),
                                                      ((4, 37), "none"),
                                                      # vector masks walked as runs of kept / transformed features:

@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -75,6 +76,7 @@ struct Args {
   int64_t mask_cstride;                   // S for a (C, S) mask, 0 for the shared checkerboard pattern
   const Segment* seg;                     // vector mode: the segments of a row (see Segment)
   int64_t n_seg;
+  const int32_t* odd;                     // checkerboard, AVX-512 path: per pair of positions (see checker_pairs)
   Geometry g;
 };
 
@@ -240,10 +242,194 @@ int64_t vec_chunks(const Geometry& g) {
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), at::divup(g.B * g.C, 16384)));
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Checkerboard rows on AVX-512 (float32, even W). With W even, the positions of a row (b, c) pair up as (2p, 2p + 1)
+// inside one image row, and exactly one of each pair is transformed (b = 0); the other passes through (y = x, log-det
+// term 0, gx = gy, gs = gt = 0). So a block of pairs is split into its transformed elements (two 16-wide loads and a
+// permute per 16 pairs and array), the coupling math runs on those only -- half the exp/tanh work of the plain loop --
+// and the results are interleaved back with the passed-through elements. A pair-tail (S / 2 not a multiple of 16) runs
+// the plain loop. Same result as the formula for finite s and t at the kept positions (see Segment). Compiled for
+// AVX-512 only and used when the CPU has it; the plain loop serves every other case.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+#define FLOWGMM_CHECKER_AVX512 1
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+constexpr int64_t kPairBlock = 256;  // pairs per block: 4 KiB scratch per array, in L1
+
+inline __attribute__((always_inline)) v16f load16(const float* p) {
+  v16f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline __attribute__((always_inline)) void store16(float* p, v16f v) { std::memcpy(p, &v, sizeof(v)); }
+// the transformed element of each of the 16 pairs in [a, b] (odd: -1 where it is the odd one of its pair)
+inline __attribute__((always_inline)) v16f pick(v16f a, v16f b, v16i odd) {
+  const v16f ev = __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const v16f od = __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  return odd ? od : ev;
+}
+// 32 positions from the 16 transformed results r and the passed-through values: those of `through` (pairs of a, b
+// layout), or `fill` when through is null
+inline __attribute__((always_inline)) void place(float* out, v16f r, v16i odd, const float* through, float fill) {
+  v16f ev, od;
+  if (through) {
+    const v16f a = load16(through), b = load16(through + 16);
+    ev = __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    od = __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  } else {
+    ev = od = v16f{} + fill;
+  }
+  const v16f e = odd ? ev : r, o = odd ? r : od;
+  store16(out, __builtin_shufflevector(e, o, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23));
+  store16(out + 16, __builtin_shufflevector(e, o, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31));
+}
+
+template <bool kScale, bool kReverse>
+void checker_forward_rows(const Args<float>& a, int64_t begin, int64_t end) {
+  const Geometry& g = a.g;
+  const int64_t nvec = (g.S / 2) / 16 * 16;  // pairs taken 16 at a time
+  alignas(64) float xt[kPairBlock], st[kPairBlock], tt[kPairBlock], yt[kPairBlock];
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t o = r * g.S;
+    const float sc = kScale ? a.scale[r % g.C] : 0.0f;
+    const float *xr = a.x + o, *sr = a.s + o, *tr = a.t + o;
+    float* yr = a.y + o;
+    float ldj = 0;
+    for (int64_t p0 = 0; p0 < nvec; p0 += kPairBlock) {
+      const int64_t np = std::min(kPairBlock, nvec - p0);
+      for (int64_t j = 0; j < np; j += 16) {
+        const int64_t i = 2 * (p0 + j);
+        v16i odd;
+        std::memcpy(&odd, a.odd + p0 + j, sizeof(odd));
+        store16(xt + j, pick(load16(xr + i), load16(xr + i + 16), odd));
+        store16(st + j, pick(load16(sr + i), load16(sr + i + 16), odd));
+        store16(tt + j, pick(load16(tr + i), load16(tr + i + 16), odd));
+      }
+#pragma omp simd reduction(+ : ldj)
+      for (int64_t j = 0; j < np; ++j) {
+        float s_m;
+        yt[j] = math::coupling_forward<float, kScale, kReverse>(xt[j], st[j], tt[j], sc, 0.0f, s_m);
+        ldj += s_m;
+      }
+      for (int64_t j = 0; j < np; j += 16) {
+        const int64_t i = 2 * (p0 + j);
+        v16i odd;
+        std::memcpy(&odd, a.odd + p0 + j, sizeof(odd));
+        place(yr + i, load16(yt + j), odd, xr + i, 0.0f);
+      }
+    }
+    for (int64_t w = 2 * nvec; w < g.S; ++w) {  // tail: the plain formula with the mask pattern
+      float s_m;
+      yr[w] = math::coupling_forward<float, kScale, kReverse>(xr[w], sr[w], tr[w], sc, a.mask[w], s_m);
+      ldj += s_m;
+    }
+    a.row_red[r] = ldj;
+  }
+}
+
+template <bool kScale, bool kReverse>
+void checker_backward_rows(const Args<float>& a, int64_t begin, int64_t end) {
+  const Geometry& g = a.g;
+  const int64_t nvec = (g.S / 2) / 16 * 16;
+  alignas(64) float gyt[kPairBlock], xt[kPairBlock], st[kPairBlock], tt[kPairBlock];
+  alignas(64) float gxt[kPairBlock], gst[kPairBlock], gtt[kPairBlock];
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t o = r * g.S, b = r / g.C;
+    const float sc = kScale ? a.scale[r % g.C] : 0.0f;
+    const float glb = a.gl ? a.gl[b] : 0.0f;
+    const float *gyr = a.gy + o, *xr = a.x + o, *sr = a.s + o, *tr = a.t + o;
+    float *gxr = a.gx + o, *gsr = a.gs + o, *gtr = a.gt + o;
+    float gscale = 0;
+    for (int64_t p0 = 0; p0 < nvec; p0 += kPairBlock) {
+      const int64_t np = std::min(kPairBlock, nvec - p0);
+      for (int64_t j = 0; j < np; j += 16) {
+        const int64_t i = 2 * (p0 + j);
+        v16i odd;
+        std::memcpy(&odd, a.odd + p0 + j, sizeof(odd));
+        store16(gyt + j, pick(load16(gyr + i), load16(gyr + i + 16), odd));
+        store16(xt + j, pick(load16(xr + i), load16(xr + i + 16), odd));
+        store16(st + j, pick(load16(sr + i), load16(sr + i + 16), odd));
+        store16(tt + j, pick(load16(tr + i), load16(tr + i + 16), odd));
+      }
+#pragma omp simd reduction(+ : gscale)
+      for (int64_t j = 0; j < np; ++j) {
+        float vx, vs, vt;
+        gscale += math::coupling_backward<float, kScale, kReverse>(gyt[j], glb, xt[j], st[j], tt[j], sc, 0.0f, vx,
+                                                                   vs, vt);
+        gxt[j] = vx;
+        gst[j] = vs;
+        gtt[j] = vt;
+      }
+      for (int64_t j = 0; j < np; j += 16) {
+        const int64_t i = 2 * (p0 + j);
+        v16i odd;
+        std::memcpy(&odd, a.odd + p0 + j, sizeof(odd));
+        place(gxr + i, load16(gxt + j), odd, gyr + i, 0.0f);  // passed through: gx = gy
+        place(gsr + i, load16(gst + j), odd, nullptr, 0.0f);  // gs = gt = 0
+        place(gtr + i, load16(gtt + j), odd, nullptr, 0.0f);
+      }
+    }
+    for (int64_t w = 2 * nvec; w < g.S; ++w) {
+      float vx, vs, vt;
+      gscale += math::coupling_backward<float, kScale, kReverse>(gyr[w], glb, xr[w], sr[w], tr[w], sc, a.mask[w], vx,
+                                                                 vs, vt);
+      gxr[w] = vx;
+      gsr[w] = vs;
+      gtr[w] = vt;
+    }
+    if (kScale) a.row_red[r] = gscale;
+  }
+}
+
+void checker_dispatch(bool forward, const Args<float>& a, bool has_scale, bool reverse, int64_t begin, int64_t end) {
+  switch ((forward ? 4 : 0) + (has_scale ? 2 : 0) + (reverse ? 1 : 0)) {
+    case 0: checker_backward_rows<false, false>(a, begin, end); break;
+    case 1: checker_backward_rows<false, true>(a, begin, end); break;
+    case 2: checker_backward_rows<true, false>(a, begin, end); break;
+    case 3: checker_backward_rows<true, true>(a, begin, end); break;
+    case 4: checker_forward_rows<false, false>(a, begin, end); break;
+    case 5: checker_forward_rows<false, true>(a, begin, end); break;
+    case 6: checker_forward_rows<true, false>(a, begin, end); break;
+    default: checker_forward_rows<true, true>(a, begin, end); break;
+  }
+}
+
+#pragma GCC pop_options
+#endif  // FLOWGMM_CHECKER_AVX512
+
+// The pair pattern of the AVX-512 checkerboard path (-1 where a pair's transformed element is its odd one), or an
+// undefined tensor when the path does not apply: float32, 4-D x with even W and at least 16 pairs per row, a CPU
+// with AVX-512F, and a build that has the path.
+Tensor checker_pairs(const Tensor& x, int64_t parity) {
+#if defined(FLOWGMM_CHECKER_AVX512)
+  if (parity < 0 || x.scalar_type() != at::kFloat || x.dim() != 4 || x.size(3) % 2 || x.size(2) * x.size(3) < 32 ||
+      !__builtin_cpu_supports("avx512f"))
+    return Tensor();
+  const int64_t W = x.size(3), pairs = x.size(2) * W / 2;
+  Tensor odd = at::empty({pairs}, x.options().dtype(at::kInt));
+  int32_t* p = odd.data_ptr<int32_t>();
+  for (int64_t k = 0; k < pairs; ++k) {
+    const int64_t h = (2 * k) / W, w = (2 * k) % W;
+    p[k] = math::checker_keep(h, w, parity) ? -1 : 0;  // even element kept -> the odd one is transformed
+  }
+  return odd;
+#else
+  (void)x;
+  (void)parity;
+  return Tensor();
+#endif
+}
+
 template <typename scalar_t>
 void call_range(bool forward, const Args<scalar_t>& a, bool has_scale, bool reverse, int mode, int64_t begin,
                 int64_t end) {
   if constexpr (std::is_same_v<scalar_t, float>) {
+#if defined(FLOWGMM_CHECKER_AVX512)
+    if (a.odd) return checker_dispatch(forward, a, has_scale, reverse, begin, end);
+#endif
     if (forward) forward_dispatch_f32(a, has_scale, reverse, mode, begin, end);
     else backward_dispatch_f32(a, has_scale, reverse, mode, begin, end);
   } else {
@@ -343,6 +529,8 @@ std::tuple<Tensor, Tensor> coupling_fwd(const Tensor& x_, const Tensor& s_, cons
       const std::vector<Segment> seg = vector_segments<scalar_t>(g.S == 1 ? mask_c : Tensor(), g.C);
       a.seg = seg.data();
       a.n_seg = static_cast<int64_t>(seg.size());
+      const Tensor odd = checker_pairs(x, mask ? -1 : parity);
+      a.odd = odd.defined() ? odd.data_ptr<int32_t>() : nullptr;
       a.scale = scale ? scale_c.data_ptr<acc>() : nullptr;
       a.y = y.data_ptr<scalar_t>();
       a.row_red = row_ldj.data_ptr<acc>();
@@ -401,6 +589,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> coupling_bwd(const Tensor& grad_y, co
       const std::vector<Segment> seg = vector_segments<scalar_t>(g.S == 1 ? mask_c : Tensor(), g.C);
       a.seg = seg.data();
       a.n_seg = static_cast<int64_t>(seg.size());
+      const Tensor odd = checker_pairs(x, mask ? -1 : parity);
+      a.odd = odd.defined() ? odd.data_ptr<int32_t>() : nullptr;
       a.scale = scale ? scale_c.data_ptr<acc>() : nullptr;
       a.gx = gx.data_ptr<scalar_t>();
       a.gs = gs.data_ptr<scalar_t>();
