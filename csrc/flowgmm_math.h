@@ -3,9 +3,10 @@
 // flowgmm_fast/ops/reference.py (its module docstring); `acc` is float for float/bfloat16/half inputs, double for
 // double.
 //
-// Transcendentals: on the device the CUDA libm (expf, tanhf, ...); on the host, for float, a branch-free polynomial
-// exp (Cephes-style, ~2 ulp) and tanh built on it, which GCC vectorises inside the CPU loops (glibc's scalar
-// expf/tanhf would not vectorise and would lose to eager PyTorch's SLEEF kernels); double always uses libm.
+// Transcendentals: on the device the CUDA libm (expf, tanhf, logf, ...); on the host, for float, branch-free
+// polynomial exp and log (Cephes-style, ~1 ulp), with tanh and log1p built on them, which GCC vectorises inside the
+// CPU loops (glibc's scalar expf/tanhf/logf would not vectorise and would lose to eager PyTorch's SLEEF kernels);
+// double always uses libm.
 #pragma once
 
 #include <cmath>
@@ -72,6 +73,51 @@ FG_HD float host_expf(float x) {
   return out;
 }
 
+// log for float, vectorisable (Cephes' logf scheme): x = m 2^e with m in [sqrt(1/2), sqrt(2)), log(m) from a degree-9
+// polynomial in m - 1, e ln2 added in two parts. Denormals are rescaled by 2^23 first; 0 -> -inf, x < 0 -> NaN,
+// +inf -> +inf, NaN propagates. ~1 ulp.
+FG_HD float host_logf(float x) {
+  const bool tiny = x < 1.17549435e-38f;  // below FLT_MIN: denormal (0 and negatives are overridden below)
+  const float xs = tiny ? x * 8388608.0f : x;
+  int32_t bits;
+  std::memcpy(&bits, &xs, sizeof(bits));
+  float e = static_cast<float>(((bits >> 23) & 0xff) - 126) - (tiny ? 23.0f : 0.0f);
+  const int32_t mbits = (bits & 0x007fffff) | 0x3f000000;  // mantissa in [0.5, 1)
+  float m;
+  std::memcpy(&m, &mbits, sizeof(m));
+  const bool low = m < 0.707106781186547524f;
+  e = low ? e - 1.0f : e;
+  m = low ? m + m - 1.0f : m - 1.0f;
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  y = y - 2.12194440e-4f * e;
+  y = y - 0.5f * z;
+  float r = m + y + 0.693359375f * e;
+  r = x == 0.0f ? -INFINITY : r;
+  r = x < 0.0f ? NAN : r;
+  r = x == INFINITY ? INFINITY : r;
+  return x != x ? x : r;
+}
+
+// log1p for float, vectorisable: log(u) x / (u - 1) with u = 1 + x (the factor corrects u's rounding), x itself
+// where u rounds to 1.
+FG_HD float host_log1pf(float x) {
+  const float u = 1.0f + x;
+  const float d = u - 1.0f;
+  float r = host_logf(u) * (x / (d == 0.0f ? 1.0f : d));
+  r = d == 0.0f ? x : r;
+  return u == INFINITY ? u : r;
+}
+
 // tanh for float, vectorisable: 1 - 2 / (exp(2x) + 1) with x clamped to +-9 (|tanh| rounds to 1 beyond); absolute
 // error ~1e-7 (relative error grows for |x| < 1e-3, where tanh(x) ~ x is tiny anyway).
 FG_HD float host_tanhf(float x) {
@@ -99,9 +145,21 @@ FG_HD float tanh_(float x) {
 }
 FG_HD double tanh_(double x) { return tanh(x); }
 
-FG_HD float log_(float x) { return logf(x); }
+FG_HD float log_(float x) {
+#if defined(__CUDA_ARCH__)
+  return logf(x);
+#else
+  return host_logf(x);
+#endif
+}
 FG_HD double log_(double x) { return log(x); }
-FG_HD float log1p_(float x) { return log1pf(x); }
+FG_HD float log1p_(float x) {
+#if defined(__CUDA_ARCH__)
+  return log1pf(x);
+#else
+  return host_log1pf(x);
+#endif
+}
 FG_HD double log1p_(double x) { return log1p(x); }
 
 // ---------------------------------------------------------------------------------------------------------------

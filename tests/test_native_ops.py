@@ -234,6 +234,27 @@ def test_squeeze_gradcheck(device, alt_order, reverse):
 # --------------------------------------------------------------------------------------------------------- logit
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_logit_log_over_the_float_range(device):
+    """alpha = 0, so y = log u - log1p(-u) straight from the CPU's vectorised log / log1p (csrc/flowgmm_math.h), for u
+    from denormals to 1 - 2^-24 and the ends 0 and 1 (-inf, +inf); reverse from -100 to 100 (exp's saturation)."""
+    u = torch.cat([torch.logspace(-44, 0, 3000)[:-1], 1 - torch.logspace(-7.2, -0.31, 500), torch.tensor([0.0, 1.0])])
+    u = u.float().to(device).view(1, -1)
+    y, _ = _native().logit_transform(u, 0.0, False, None, None)
+    ref = (torch.log(u.double()) - torch.log1p(-u.double()))
+    assert torch.equal(torch.isinf(y), torch.isinf(ref)) and torch.equal(y[torch.isinf(y)], ref[torch.isinf(ref)].float())
+    finite = torch.isfinite(ref)
+    # a couple of float32 ulps of the two log terms (y itself cancels to 0 at u = 1/2)
+    bound = 4e-7 * (torch.log(u.double()).abs() + torch.log1p(-u.double()).abs())
+    assert ((y.double() - ref).abs() <= bound)[finite].all()
+    x = torch.linspace(-100, 100, 4001, device=device).view(1, -1)
+    for alpha in (0.0, 0.05):
+        y, ldj = _native().logit_transform(x, alpha, True, None, None)
+        y_ref, ldj_ref = R.logit_transform(x.double(), alpha, True, None, None)
+        torch.testing.assert_close(y.double(), y_ref, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(ldj.double(), ldj_ref, rtol=1e-6, atol=1e-3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mode", ["forward", "forward_noise", "reverse"])
 @pytest.mark.parametrize("shape", [(3, 2, 4, 5), (1, 7), (2, 33)])

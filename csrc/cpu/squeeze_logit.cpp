@@ -39,6 +39,87 @@ Tensor squeeze2x2(const Tensor& x_, bool reverse, bool alt_order) {
   return out;
 }
 
+namespace {
+
+// Samples [begin, end) of the logit transform, N elements each: y and the per-sample log-det sum (reverse: negated).
+template <typename scalar_t, bool kReverse, bool kNoise>
+inline __attribute__((always_inline)) void logit_range(const scalar_t* xp, const scalar_t* np, scalar_t* yp,
+                                                      at::opmath_type<scalar_t>* lp, int64_t N,
+                                                      at::opmath_type<scalar_t> a, at::opmath_type<scalar_t> ls,
+                                                      int64_t begin, int64_t end) {
+  using acc = at::opmath_type<scalar_t>;
+  for (int64_t b = begin; b < end; ++b) {
+    const int64_t o = b * N;
+    acc sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < N; ++i) {
+      acc el;
+      acc v = static_cast<acc>(xp[o + i]);
+      if constexpr (kReverse) {
+        yp[o + i] = static_cast<scalar_t>(math::logit_reverse(v, a, ls, el));
+      } else {
+        if constexpr (kNoise) v = math::dequantize(v, static_cast<acc>(np[o + i]));
+        yp[o + i] = static_cast<scalar_t>(math::logit_forward(v, a, ls, el));
+      }
+      sum += el;
+    }
+    lp[b] = kReverse ? -sum : sum;
+  }
+}
+
+// always_inline: inlined into each ISA clone of the float overload below, so the loops are vectorised for its ISA
+template <typename scalar_t>
+inline __attribute__((always_inline)) void logit_dispatch(bool reverse, const scalar_t* xp, const scalar_t* np, scalar_t* yp, at::opmath_type<scalar_t>* lp,
+                    int64_t N, at::opmath_type<scalar_t> a, at::opmath_type<scalar_t> ls, int64_t begin, int64_t end) {
+  if (reverse) logit_range<scalar_t, true, false>(xp, np, yp, lp, N, a, ls, begin, end);
+  else if (np) logit_range<scalar_t, false, true>(xp, np, yp, lp, N, a, ls, begin, end);
+  else logit_range<scalar_t, false, false>(xp, np, yp, lp, N, a, ls, begin, end);
+}
+
+// float32: a non-template overload (preferred by the call in logit_fwd), one clone per ISA (FLOWGMM_CPU_CLONES, ops.h)
+FLOWGMM_CPU_CLONES void logit_dispatch(bool reverse, const float* xp, const float* np, float* yp, float* lp,
+                                           int64_t N, float a, float ls, int64_t begin, int64_t end) {
+  logit_dispatch<float>(reverse, xp, np, yp, lp, N, a, ls, begin, end);
+}
+
+template <typename scalar_t, bool kReverse, bool kNoise>
+inline __attribute__((always_inline)) void logit_grad_range(const scalar_t* gyp, const at::opmath_type<scalar_t>* glp,
+                                                           const scalar_t* xp, const scalar_t* np, scalar_t* gxp,
+                                                           int64_t N, at::opmath_type<scalar_t> a, int64_t begin,
+                                                           int64_t end) {
+  using acc = at::opmath_type<scalar_t>;
+  for (int64_t b = begin; b < end; ++b) {
+    const int64_t o = b * N;
+    const acc glb = glp ? glp[b] : acc(0);
+#pragma omp simd
+    for (int64_t i = 0; i < N; ++i) {
+      const acc nz = kNoise ? static_cast<acc>(np[o + i]) : acc(0);
+      gxp[o + i] = static_cast<scalar_t>(
+          math::logit_input_grad(static_cast<acc>(gyp[o + i]), glb, static_cast<acc>(xp[o + i]), kNoise, nz, a,
+                                 kReverse));
+    }
+  }
+}
+
+template <typename scalar_t>
+inline __attribute__((always_inline)) void logit_grad_dispatch(bool reverse, const scalar_t* gyp, const at::opmath_type<scalar_t>* glp, const scalar_t* xp,
+                         const scalar_t* np, scalar_t* gxp, int64_t N, at::opmath_type<scalar_t> a, int64_t begin,
+                         int64_t end) {
+  if (reverse) logit_grad_range<scalar_t, true, false>(gyp, glp, xp, np, gxp, N, a, begin, end);
+  else if (np) logit_grad_range<scalar_t, false, true>(gyp, glp, xp, np, gxp, N, a, begin, end);
+  else logit_grad_range<scalar_t, false, false>(gyp, glp, xp, np, gxp, N, a, begin, end);
+}
+
+FLOWGMM_CPU_CLONES void logit_grad_dispatch(bool reverse, const float* gyp, const float* glp, const float* xp,
+                                                const float* np, float* gxp, int64_t N, float a, int64_t begin,
+                                                int64_t end) {
+  logit_grad_dispatch<float>(reverse, gyp, glp, xp, np, gxp, N, a, begin, end);
+}
+
+int64_t grain_samples(int64_t N) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, N)); }
+
+}  // namespace
+
 std::tuple<Tensor, Tensor> logit_fwd(const Tensor& x_, double alpha, bool reverse, const OptTensor& sldj,
                                      const OptTensor& noise) {
   const Tensor x = x_.contiguous();
@@ -47,6 +128,7 @@ std::tuple<Tensor, Tensor> logit_fwd(const Tensor& x_, double alpha, bool revers
   const auto acc_t = acc_dtype(x.scalar_type());
   const auto out_t = ldj_dtype(x.scalar_type(), sldj ? sldj->scalar_type() : at::kFloat);
   Tensor y = at::empty_like(x);
+  // per-sample log-det in the compute dtype; when that is also the output dtype and there is no sldj, it is the output
   Tensor ldj = at::zeros({B}, x.options().dtype(acc_t));
   const double log_scale = std::log1p(-2 * alpha);
   if (x.numel() > 0) {
@@ -57,28 +139,14 @@ std::tuple<Tensor, Tensor> logit_fwd(const Tensor& x_, double alpha, bool revers
       scalar_t* yp = y.data_ptr<scalar_t>();
       acc* lp = ldj.data_ptr<acc>();
       const acc a = static_cast<acc>(alpha), ls = static_cast<acc>(log_scale);
-      at::parallel_for(0, B, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, N)), [&](int64_t begin, int64_t end) {
-        for (int64_t b = begin; b < end; ++b) {
-          acc sum = 0;
-          for (int64_t i = b * N; i < (b + 1) * N; ++i) {
-            acc el;
-            acc v = static_cast<acc>(xp[i]);
-            if (reverse) {
-              yp[i] = static_cast<scalar_t>(math::logit_reverse(v, a, ls, el));
-            } else {
-              if (np) v = math::dequantize(v, static_cast<acc>(np[i]));
-              yp[i] = static_cast<scalar_t>(math::logit_forward(v, a, ls, el));
-            }
-            sum += el;
-          }
-          lp[b] = reverse ? -sum : sum;
-        }
+      at::parallel_for(0, B, grain_samples(N), [&](int64_t begin, int64_t end) {
+        logit_dispatch(reverse, xp, np, yp, lp, N, a, ls, begin, end);
       });
     });
   }
-  Tensor out = ldj.to(out_t);
-  if (sldj) out = out.add_(sldj->to(out_t));
-  return {y, out};
+  if (ldj.scalar_type() != out_t) ldj = ldj.to(out_t);
+  if (sldj) ldj.add_(*sldj);  // sldj is float32 or float64, out_t the wider: add_ promotes in place
+  return {y, ldj};
 }
 
 Tensor logit_bwd(const Tensor& grad_y, const OptTensor& grad_sldj, const Tensor& x_, double alpha, bool reverse,
@@ -99,16 +167,8 @@ Tensor logit_bwd(const Tensor& grad_y, const OptTensor& grad_sldj, const Tensor&
     const acc* glp = grad_sldj ? gl.data_ptr<acc>() : nullptr;
     scalar_t* gxp = gx.data_ptr<scalar_t>();
     const acc a = static_cast<acc>(alpha);
-    at::parallel_for(0, B, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, N)), [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        const acc glb = glp ? glp[b] : acc(0);
-        for (int64_t i = b * N; i < (b + 1) * N; ++i) {
-          const acc nz = np ? static_cast<acc>(np[i]) : acc(0);
-          gxp[i] = static_cast<scalar_t>(math::logit_input_grad(static_cast<acc>(gyp[i]), glb,
-                                                                static_cast<acc>(xp[i]), np != nullptr, nz, a,
-                                                                reverse));
-        }
-      }
+    at::parallel_for(0, B, grain_samples(N), [&](int64_t begin, int64_t end) {
+      logit_grad_dispatch(reverse, gyp, glp, xp, np, gxp, N, a, begin, end);
     });
   });
   return gx;
