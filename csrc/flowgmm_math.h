@@ -127,39 +127,22 @@ FG_HD float host_tanhf(float x) {
 }
 #endif
 
-FG_HD float exp_(float x) {
+// The float transcendentals: CUDA's libm on the device, the vectorisable versions above on the host.
 #if defined(__CUDA_ARCH__)
-  return expf(x);
+#define FG_FLOAT_FN(name, device_fn, host_fn) \
+  FG_HD float name(float x) { return device_fn(x); }
 #else
-  return host_expf(x);
+#define FG_FLOAT_FN(name, device_fn, host_fn) \
+  FG_HD float name(float x) { return host_fn(x); }
 #endif
-}
+FG_FLOAT_FN(exp_, expf, host_expf)
+FG_FLOAT_FN(tanh_, tanhf, host_tanhf)
+FG_FLOAT_FN(log_, logf, host_logf)
+FG_FLOAT_FN(log1p_, log1pf, host_log1pf)
+#undef FG_FLOAT_FN
 FG_HD double exp_(double x) { return exp(x); }
-
-FG_HD float tanh_(float x) {
-#if defined(__CUDA_ARCH__)
-  return tanhf(x);
-#else
-  return host_tanhf(x);
-#endif
-}
 FG_HD double tanh_(double x) { return tanh(x); }
-
-FG_HD float log_(float x) {
-#if defined(__CUDA_ARCH__)
-  return logf(x);
-#else
-  return host_logf(x);
-#endif
-}
 FG_HD double log_(double x) { return log(x); }
-FG_HD float log1p_(float x) {
-#if defined(__CUDA_ARCH__)
-  return log1pf(x);
-#else
-  return host_log1pf(x);
-#endif
-}
 FG_HD double log1p_(double x) { return log1p(x); }
 
 // ---------------------------------------------------------------------------------------------------------------

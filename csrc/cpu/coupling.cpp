@@ -2,6 +2,8 @@
 // (none / dense / checkerboard from indices), exp and the per-sample log-det (forward) or the per-channel scale
 // gradient (backward). Rows run in parallel (at::parallel_for); the inner loop over the last dim is branch-free and
 // vectorised (float math from flowgmm_math.h, `omp simd` reductions). Nothing but the inputs is saved for backward.
+// Kept positions need no math: vector rows skip runs of kept features (Segment), and checkerboard rows on AVX-512
+// compute on the transformed half only (checker_*_rows).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -287,6 +289,28 @@ inline __attribute__((always_inline)) void place(float* out, v16f r, v16i odd, c
   store16(out + 16, __builtin_shufflevector(e, o, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31));
 }
 
+// Pairs [p0, p0 + np) of a row (np a multiple of 16): their transformed elements of src into dst[0, np) ...
+inline __attribute__((always_inline)) void split_pairs(const float* src, float* dst, const int32_t* odd_pairs,
+                                                       int64_t p0, int64_t np) {
+  for (int64_t j = 0; j < np; j += 16) {
+    const int64_t i = 2 * (p0 + j);
+    v16i odd;
+    std::memcpy(&odd, odd_pairs + p0 + j, sizeof(odd));
+    store16(dst + j, pick(load16(src + i), load16(src + i + 16), odd));
+  }
+}
+
+// ... and back: results r[0, np) to their positions in out, the other positions from `through` (or `fill`)
+inline __attribute__((always_inline)) void merge_pairs(float* out, const float* r, const int32_t* odd_pairs, int64_t p0,
+                                                       int64_t np, const float* through, float fill) {
+  for (int64_t j = 0; j < np; j += 16) {
+    const int64_t i = 2 * (p0 + j);
+    v16i odd;
+    std::memcpy(&odd, odd_pairs + p0 + j, sizeof(odd));
+    place(out + i, load16(r + j), odd, through ? through + i : nullptr, fill);
+  }
+}
+
 template <bool kScale, bool kReverse>
 void checker_forward_rows(const Args<float>& a, int64_t begin, int64_t end) {
   const Geometry& g = a.g;
@@ -300,26 +324,16 @@ void checker_forward_rows(const Args<float>& a, int64_t begin, int64_t end) {
     float ldj = 0;
     for (int64_t p0 = 0; p0 < nvec; p0 += kPairBlock) {
       const int64_t np = std::min(kPairBlock, nvec - p0);
-      for (int64_t j = 0; j < np; j += 16) {
-        const int64_t i = 2 * (p0 + j);
-        v16i odd;
-        std::memcpy(&odd, a.odd + p0 + j, sizeof(odd));
-        store16(xt + j, pick(load16(xr + i), load16(xr + i + 16), odd));
-        store16(st + j, pick(load16(sr + i), load16(sr + i + 16), odd));
-        store16(tt + j, pick(load16(tr + i), load16(tr + i + 16), odd));
-      }
+      split_pairs(xr, xt, a.odd, p0, np);
+      split_pairs(sr, st, a.odd, p0, np);
+      split_pairs(tr, tt, a.odd, p0, np);
 #pragma omp simd reduction(+ : ldj)
       for (int64_t j = 0; j < np; ++j) {
         float s_m;
         yt[j] = math::coupling_forward<float, kScale, kReverse>(xt[j], st[j], tt[j], sc, 0.0f, s_m);
         ldj += s_m;
       }
-      for (int64_t j = 0; j < np; j += 16) {
-        const int64_t i = 2 * (p0 + j);
-        v16i odd;
-        std::memcpy(&odd, a.odd + p0 + j, sizeof(odd));
-        place(yr + i, load16(yt + j), odd, xr + i, 0.0f);
-      }
+      merge_pairs(yr, yt, a.odd, p0, np, xr, 0.0f);
     }
     for (int64_t w = 2 * nvec; w < g.S; ++w) {  // tail: the plain formula with the mask pattern
       float s_m;
@@ -345,15 +359,10 @@ void checker_backward_rows(const Args<float>& a, int64_t begin, int64_t end) {
     float gscale = 0;
     for (int64_t p0 = 0; p0 < nvec; p0 += kPairBlock) {
       const int64_t np = std::min(kPairBlock, nvec - p0);
-      for (int64_t j = 0; j < np; j += 16) {
-        const int64_t i = 2 * (p0 + j);
-        v16i odd;
-        std::memcpy(&odd, a.odd + p0 + j, sizeof(odd));
-        store16(gyt + j, pick(load16(gyr + i), load16(gyr + i + 16), odd));
-        store16(xt + j, pick(load16(xr + i), load16(xr + i + 16), odd));
-        store16(st + j, pick(load16(sr + i), load16(sr + i + 16), odd));
-        store16(tt + j, pick(load16(tr + i), load16(tr + i + 16), odd));
-      }
+      split_pairs(gyr, gyt, a.odd, p0, np);
+      split_pairs(xr, xt, a.odd, p0, np);
+      split_pairs(sr, st, a.odd, p0, np);
+      split_pairs(tr, tt, a.odd, p0, np);
 #pragma omp simd reduction(+ : gscale)
       for (int64_t j = 0; j < np; ++j) {
         float vx, vs, vt;
@@ -363,14 +372,9 @@ void checker_backward_rows(const Args<float>& a, int64_t begin, int64_t end) {
         gst[j] = vs;
         gtt[j] = vt;
       }
-      for (int64_t j = 0; j < np; j += 16) {
-        const int64_t i = 2 * (p0 + j);
-        v16i odd;
-        std::memcpy(&odd, a.odd + p0 + j, sizeof(odd));
-        place(gxr + i, load16(gxt + j), odd, gyr + i, 0.0f);  // passed through: gx = gy
-        place(gsr + i, load16(gst + j), odd, nullptr, 0.0f);  // gs = gt = 0
-        place(gtr + i, load16(gtt + j), odd, nullptr, 0.0f);
-      }
+      merge_pairs(gxr, gxt, a.odd, p0, np, gyr, 0.0f);  // passed through: gx = gy
+      merge_pairs(gsr, gst, a.odd, p0, np, nullptr, 0.0f);  // gs = gt = 0
+      merge_pairs(gtr, gtt, a.odd, p0, np, nullptr, 0.0f);
     }
     for (int64_t w = 2 * nvec; w < g.S; ++w) {
       float vx, vs, vt;
