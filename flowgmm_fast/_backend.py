@@ -41,9 +41,9 @@ AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
 
 # Optional per-op override of AUTO_PREFERENCE, per device type, filled from a measured benchmark table
 # (op name -> backend name). Set through :func:`set_auto_table`.
-# Measured (benchmarks/results/ops_cpu-2t_20261124T094902Z_480b4b19.json, 2-core CPU): native coupling, logit and GMM
-# are 3.3-6.1x faster than eager PyTorch; the native squeeze (a copy, at the machine's copy bandwidth either way) ties
-# eager (1.00x), so the squeeze stays a plain PyTorch view + copy that Inductor can fuse.
+# Measured (benchmarks/results/ops_cpu-2t_20261124T095535Z_912a65ec.json, 2-core CPU): native coupling, logit and GMM
+# are 3.1-7.3x faster than eager PyTorch; the native squeeze (a copy, at the machine's copy bandwidth either way) ties
+# eager (0.99-1.03x), so the squeeze stays a plain PyTorch view + copy that Inductor can fuse.
 _AUTO_TABLE: dict[str, dict[str, str]] = {"cpu": {"squeeze2x2": "torch"}}
 
 _MODULES = {
