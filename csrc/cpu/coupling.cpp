@@ -508,6 +508,33 @@ int loop_mode(bool masked, const Geometry& g) {
   return masked ? kDense : kNoMask;
 }
 
+// What the loops read besides the data, for both directions: x, s, t, the mask rows (dense, or the checkerboard
+// pattern), the vector segments, the AVX-512 checkerboard pair pattern and the scale. Holds the scratch tensors the
+// Args point into, so it must outlive the run.
+template <typename scalar_t>
+struct Inputs {
+  Tensor mask_c, odd;
+  std::vector<Segment> seg;
+
+  Inputs(Args<scalar_t>& a, const Tensor& x, const Tensor& s, const Tensor& t, const Tensor& scale_c,
+         const OptTensor& mask, int64_t parity, const Geometry& g) {
+    using acc = at::opmath_type<scalar_t>;
+    a.x = x.data_ptr<scalar_t>();
+    a.s = s.data_ptr<scalar_t>();
+    a.t = t.data_ptr<scalar_t>();
+    mask_c = mask_rows<scalar_t>(mask, parity, x);
+    a.mask = mask_c.defined() ? mask_c.data_ptr<scalar_t>() : nullptr;
+    a.mask_cstride = mask ? g.S : 0;
+    seg = vector_segments<scalar_t>(g.S == 1 ? mask_c : Tensor(), g.C);
+    a.seg = seg.data();
+    a.n_seg = static_cast<int64_t>(seg.size());
+    odd = checker_pairs(x, mask ? -1 : parity);
+    a.odd = odd.defined() ? odd.data_ptr<int32_t>() : nullptr;
+    a.scale = scale_c.defined() ? scale_c.data_ptr<acc>() : nullptr;
+    a.g = g;
+  }
+};
+
 }  // namespace
 
 std::tuple<Tensor, Tensor> coupling_fwd(const Tensor& x_, const Tensor& s_, const Tensor& t_, const OptTensor& scale,
@@ -524,21 +551,9 @@ std::tuple<Tensor, Tensor> coupling_fwd(const Tensor& x_, const Tensor& s_, cons
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "coupling_fwd_cpu", [&] {
       using acc = at::opmath_type<scalar_t>;
       Args<scalar_t> a{};
-      a.x = x.data_ptr<scalar_t>();
-      a.s = s.data_ptr<scalar_t>();
-      a.t = t.data_ptr<scalar_t>();
-      const Tensor mask_c = mask_rows<scalar_t>(mask, parity, x);
-      a.mask = mask_c.defined() ? mask_c.data_ptr<scalar_t>() : nullptr;
-      a.mask_cstride = mask ? g.S : 0;
-      const std::vector<Segment> seg = vector_segments<scalar_t>(g.S == 1 ? mask_c : Tensor(), g.C);
-      a.seg = seg.data();
-      a.n_seg = static_cast<int64_t>(seg.size());
-      const Tensor odd = checker_pairs(x, mask ? -1 : parity);
-      a.odd = odd.defined() ? odd.data_ptr<int32_t>() : nullptr;
-      a.scale = scale ? scale_c.data_ptr<acc>() : nullptr;
+      const Inputs<scalar_t> in(a, x, s, t, scale_c, mask, parity, g);
       a.y = y.data_ptr<scalar_t>();
       a.row_red = row_ldj.data_ptr<acc>();
-      a.g = g;
       run(true, a, scale.has_value(), reverse, mode);
     });
   } else {
@@ -584,23 +599,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> coupling_bwd(const Tensor& grad_y, co
       Args<scalar_t> a{};
       a.gy = gy.data_ptr<scalar_t>();
       a.gl = grad_sldj ? gl.data_ptr<acc>() : nullptr;
-      a.x = x.data_ptr<scalar_t>();
-      a.s = s.data_ptr<scalar_t>();
-      a.t = t.data_ptr<scalar_t>();
-      const Tensor mask_c = mask_rows<scalar_t>(mask, parity, x);
-      a.mask = mask_c.defined() ? mask_c.data_ptr<scalar_t>() : nullptr;
-      a.mask_cstride = mask ? g.S : 0;
-      const std::vector<Segment> seg = vector_segments<scalar_t>(g.S == 1 ? mask_c : Tensor(), g.C);
-      a.seg = seg.data();
-      a.n_seg = static_cast<int64_t>(seg.size());
-      const Tensor odd = checker_pairs(x, mask ? -1 : parity);
-      a.odd = odd.defined() ? odd.data_ptr<int32_t>() : nullptr;
-      a.scale = scale ? scale_c.data_ptr<acc>() : nullptr;
+      const Inputs<scalar_t> in(a, x, s, t, scale_c, mask, parity, g);
       a.gx = gx.data_ptr<scalar_t>();
       a.gs = gs.data_ptr<scalar_t>();
       a.gt = gt.data_ptr<scalar_t>();
       a.row_red = scale ? row_gscale.data_ptr<acc>() : nullptr;
-      a.g = g;
       run(false, a, scale.has_value(), reverse, mode);
     });
   }
