@@ -20,6 +20,20 @@ inline at::ScalarType ldj_dtype(at::ScalarType a, at::ScalarType b = at::kFloat,
 // Compute dtype of a tensor's elements: double for double, float otherwise.
 inline at::ScalarType acc_dtype(at::ScalarType a) { return a == at::kDouble ? at::kDouble : at::kFloat; }
 
+// squeeze2x2 geometry, shared by the CPU loop and the CUDA kernel: the squeezed side is (B, 4C, H2, W2), the other
+// (B, C, 2 H2, 2 W2); `x` is the input of the direction `reverse`.
+struct SqueezeGeometry {
+  int64_t B, C, H2, W2;
+};
+inline SqueezeGeometry squeeze_geometry(const Tensor& x, bool reverse) {
+  return {x.size(0), reverse ? x.size(1) / 4 : x.size(1), reverse ? x.size(2) : x.size(2) / 2,
+          reverse ? x.size(3) : x.size(3) / 2};
+}
+inline Tensor squeeze_output(const Tensor& x, const SqueezeGeometry& g, bool reverse) {
+  return reverse ? at::empty({g.B, g.C, 2 * g.H2, 2 * g.W2}, x.options())
+                 : at::empty({g.B, 4 * g.C, g.H2, g.W2}, x.options());
+}
+
 #define FLOWGMM_DECLARE_OPS(ns)                                                                                    \
   namespace ns {                                                                                                   \
   std::tuple<Tensor, Tensor> coupling_fwd(const Tensor& x, const Tensor& s, const Tensor& t, const OptTensor& scale, \

@@ -12,13 +12,9 @@ namespace cpu {
 
 Tensor squeeze2x2(const Tensor& x_, bool reverse, bool alt_order) {
   const Tensor x = x_.contiguous();
-  const int64_t B = x.size(0);
-  // squeezed geometry (B, 4C, H2, W2); the other side is (B, C, 2 H2, 2 W2)
-  const int64_t C = reverse ? x.size(1) / 4 : x.size(1);
-  const int64_t H2 = reverse ? x.size(2) : x.size(2) / 2;
-  const int64_t W2 = reverse ? x.size(3) : x.size(3) / 2;
-  Tensor out = reverse ? at::empty({B, C, 2 * H2, 2 * W2}, x.options())
-                       : at::empty({B, 4 * C, H2, W2}, x.options());
+  const SqueezeGeometry g = squeeze_geometry(x, reverse);
+  const int64_t B = g.B, C = g.C, H2 = g.H2, W2 = g.W2;
+  Tensor out = squeeze_output(x, g, reverse);
   if (x.numel() == 0) return out;
   AT_DISPATCH_ALL_TYPES_AND3(at::kHalf, at::kBFloat16, at::kBool, x.scalar_type(), "squeeze2x2_cpu", [&] {
     const scalar_t* src = x.data_ptr<scalar_t>();

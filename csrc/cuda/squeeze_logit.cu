@@ -81,17 +81,13 @@ unsigned elementwise_blocks(int64_t total) {
 Tensor squeeze2x2(const Tensor& x_, bool reverse, bool alt_order) {
   const c10::cuda::OptionalCUDAGuard guard(x_.device());
   const Tensor x = x_.contiguous();
-  const int64_t B = x.size(0);
-  const int64_t C = reverse ? x.size(1) / 4 : x.size(1);
-  const int64_t H2 = reverse ? x.size(2) : x.size(2) / 2;
-  const int64_t W2 = reverse ? x.size(3) : x.size(3) / 2;
-  Tensor out = reverse ? at::empty({B, C, 2 * H2, 2 * W2}, x.options())
-                       : at::empty({B, 4 * C, H2, W2}, x.options());
+  const SqueezeGeometry g = squeeze_geometry(x, reverse);
+  Tensor out = squeeze_output(x, g, reverse);
   const int64_t total = x.numel();
   if (total == 0) return out;
   AT_DISPATCH_ALL_TYPES_AND3(at::kHalf, at::kBFloat16, at::kBool, x.scalar_type(), "squeeze2x2_cuda", [&] {
     squeeze_kernel<scalar_t><<<elementwise_blocks(total), kThreads, 0, cuda_detail::stream()>>>(
-        x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), total, C, H2, W2, alt_order, reverse);
+        x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), total, g.C, g.H2, g.W2, alt_order, reverse);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
