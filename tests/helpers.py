@@ -1,4 +1,5 @@
-"""Shared test helpers: skip marks, the devices present, per-dtype tolerances, and the three-way comparison.
+"""Shared test helpers: skip marks, the devices present, per-dtype tolerances, the three-way comparison, autograd
+leaves and cotangent gradients for the op suites, and loading an experiment script as a module.
 
 Three-way comparison (flash-attention / Liger style) for low precision: a backend's output ``out`` is compared with
 the float64 ground truth ``ref64`` and with PyTorch's own result in the same dtype ``same``:
@@ -8,7 +9,9 @@ so kernels are held to the accuracy PyTorch itself reaches in that dtype, not to
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 
 import pytest
 import torch
@@ -63,3 +66,33 @@ def assert_close_3way(out: torch.Tensor, same: torch.Tensor, ref64: torch.Tensor
 def use(backend: str):
     """Context manager selecting ``backend`` (thin alias of flowgmm_fast.use_backend for readability in tests)."""
     return flowgmm_fast.use_backend(backend)
+
+
+def grad_leaves(tensors, dtype=None) -> list:
+    """Detached copies (optionally cast) that require grad when floating; None stays None."""
+    return [None if t is None else t.detach().to(dtype or t.dtype).requires_grad_(t.is_floating_point())
+            for t in tensors]
+
+
+def cotangent_grads(outputs, cotangents, inputs, allow_unused: bool = False) -> list:
+    """Gradients of sum(output * cotangent) (in float64) w.r.t. the inputs that require grad."""
+    loss = sum((o.double() * c.double()).sum() for o, c in zip(outputs, cotangents))
+    wanted = [t for t in inputs if t is not None and t.requires_grad]
+    return list(torch.autograd.grad(loss, wanted, allow_unused=allow_unused))
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_experiment(name: str):
+    """experiments/<name>.py imported as a module (the scripts are not a package; experiments/ is on sys.path while it
+    loads, as when the script runs, so it can import its siblings)."""
+    folder = os.path.join(ROOT, "experiments")
+    sys.path.insert(0, folder)
+    try:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(folder, f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(folder)
+    return module

@@ -1,28 +1,16 @@
 """experiments/train_semisup_text_baselines.py: one command, the FlowGMM script's data flags, a table per method."""
 
-import importlib.util
-import os
-import sys
-
 import numpy as np
 import pytest
 
 from flowgmm_fast.data import tabular as T
+from helpers import load_experiment
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytest.importorskip("sklearn")
 
 
 def _script():
-    sys.path.insert(0, os.path.join(ROOT, "experiments"))
-    try:
-        path = os.path.join(ROOT, "experiments", "train_semisup_text_baselines.py")
-        spec = importlib.util.spec_from_file_location("text_baselines", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(os.path.join(ROOT, "experiments"))
-    return module
+    return load_experiment("train_semisup_text_baselines")
 
 
 def test_baselines_script_on_npz_features(tmp_path, capsys):

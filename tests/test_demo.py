@@ -1,22 +1,17 @@
 """The demo (experiments/demo.py) end to end in its quick mode: the figure and the printed / written table exist."""
 
-import importlib.util
-import os
 import re
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import load_experiment
 
 pytest.importorskip("matplotlib")
 pytest.importorskip("sklearn")
 
 
 def _load_demo():
-    spec = importlib.util.spec_from_file_location("flowgmm_demo", os.path.join(ROOT, "experiments", "demo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment("demo")
 
 
 @pytest.mark.slow

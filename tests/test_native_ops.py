@@ -15,7 +15,7 @@ import torch
 import flowgmm_fast
 from flowgmm_fast import functional as F
 from flowgmm_fast.ops import reference as R
-from helpers import assert_close_3way, backend_devices, requires_native, use
+from helpers import assert_close_3way, backend_devices, cotangent_grads, grad_leaves, requires_native, use
 
 pytestmark = requires_native
 
@@ -38,23 +38,11 @@ def _check(out, same, ref64, dtype, name):
     assert_close_3way(out, same, ref64, dtype, name, rtol=RTOL[dtype])
 
 
-def _leaves(tensors, dtype=None):
-    """Detached copies (optionally cast) that require grad when floating; None stays None."""
-    return [None if t is None else t.detach().to(dtype or t.dtype).requires_grad_(t.is_floating_point())
-            for t in tensors]
-
-
-def _grads(outputs, cotangents, inputs):
-    loss = sum((o.double() * c.double()).sum() for o, c in zip(outputs, cotangents))
-    wanted = [t for t in inputs if t is not None and t.requires_grad]
-    return list(torch.autograd.grad(loss, wanted, allow_unused=True))
-
-
 def _compare(fn_native, fn_ref, inputs, dtype, names, cotangent_seed=0):
     """Forward outputs and gradients of fn_native(*inputs in dtype) against fn_ref at float64 and in dtype."""
-    nat_in = _leaves(inputs)
-    ref_in = _leaves(inputs, torch.float64)
-    same_in = _leaves(inputs)
+    nat_in = grad_leaves(inputs)
+    ref_in = grad_leaves(inputs, torch.float64)
+    same_in = grad_leaves(inputs)
     out = fn_native(*nat_in)
     ref = fn_ref(*ref_in, upcast=True)
     same = fn_ref(*same_in, upcast=False)
@@ -66,7 +54,8 @@ def _compare(fn_native, fn_ref, inputs, dtype, names, cotangent_seed=0):
         _check(o, s, r, dtype, f"output {i}")
     if not any(t is not None and t.requires_grad for t in nat_in) or out[0].numel() == 0 and len(out) == 1:
         return
-    g_out, g_ref, g_same = _grads(out, cots, nat_in), _grads(ref, cots, ref_in), _grads(same, cots, same_in)
+    g_out, g_ref, g_same = (cotangent_grads(o, cots, i, allow_unused=True)
+                            for o, i in ((out, nat_in), (ref, ref_in), (same, same_in)))
     for name, go, gr, gs in zip(names, g_out, g_ref, g_same):
         if gr is None:
             continue
@@ -392,10 +381,10 @@ def test_compile_fullgraph_training_step(device):
         return (nll - ldj).mean()
 
     with use("native"):
-        leaves = _leaves([x, s, t, sc, means])
+        leaves = grad_leaves([x, s, t, sc, means])
         loss = step(*leaves)
         grads = torch.autograd.grad(loss, leaves)
-        c_leaves = _leaves([x, s, t, sc, means])
+        c_leaves = grad_leaves([x, s, t, sc, means])
         c_loss = torch.compile(step, fullgraph=True, backend="aot_eager")(*c_leaves)
         c_grads = torch.autograd.grad(c_loss, c_leaves)
     torch.testing.assert_close(c_loss, loss)

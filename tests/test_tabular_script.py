@@ -1,7 +1,6 @@
 """experiments/train_semisup_flowgmm_tabular.py end to end on tiny files: a custom npz with a split file, a CSV with a
 test fraction, the MiniBooNE loader path, exact resume, and argument errors."""
 
-import importlib.util
 import json
 import os
 
@@ -10,16 +9,11 @@ import pytest
 import torch
 
 from flowgmm_fast.data import tabular as T
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import load_experiment
 
 
 def _script():
-    path = os.path.join(ROOT, "experiments", "train_semisup_flowgmm_tabular.py")
-    spec = importlib.util.spec_from_file_location("train_tabular", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment("train_semisup_flowgmm_tabular")
 
 
 def _blobs(n, seed):

@@ -1,19 +1,14 @@
 """experiments/synthetic.py in its quick mode on one data set: the figure and the accuracy table are written."""
 
-import importlib.util
-import os
-
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import load_experiment
+
 pytest.importorskip("matplotlib")
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("synthetic", os.path.join(ROOT, "experiments", "synthetic.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment("synthetic")
 
 
 @pytest.mark.slow

@@ -15,7 +15,8 @@ import torch
 
 from flowgmm_fast import functional as F
 from flowgmm_fast.ops import reference as R
-from helpers import assert_close_3way, backend_devices, requires_cuda, requires_triton, use
+from helpers import (assert_close_3way, backend_devices, cotangent_grads, grad_leaves, requires_cuda, requires_triton,
+                     use)
 
 pytestmark = requires_triton
 
@@ -33,18 +34,6 @@ def _ops():
 
 def _check(out, same, ref64, dtype, name):
     assert_close_3way(out, same, ref64, dtype, name, rtol=RTOL.get(dtype, 0.0))
-
-
-def _leaves(tensors, dtype=None):
-    """Detached copies (optionally cast) that require grad; None stays None."""
-    return [None if t is None else t.detach().to(dtype or t.dtype).requires_grad_(t.is_floating_point())
-            for t in tensors]
-
-
-def _grads(outputs, cotangents, inputs):
-    loss = sum((o.double() * c.double()).sum() for o, c in zip(outputs, cotangents))
-    wanted = [t for t in inputs if t is not None and t.requires_grad]
-    return list(torch.autograd.grad(loss, wanted))
 
 
 # ------------------------------------------------------------------------------------------------ affine coupling
@@ -79,7 +68,7 @@ def _mask_args(mask: str, shape, device):
 
 def _coupling_run(x, s, t, scale, mask, parity, reverse, sldj, dtype, upcast):
     """Reference outputs and the leaves they depend on, computed in ``dtype`` (sldj stays fp32, or fp64)."""
-    leaves = _leaves((x, s, t, scale), dtype)
+    leaves = grad_leaves((x, s, t, scale), dtype)
     if sldj is not None:
         leaves.append(sldj.detach().to(torch.float64 if dtype == torch.float64 else torch.float32).requires_grad_())
     else:
@@ -99,16 +88,16 @@ def test_affine_coupling_matches_reference(device, shape, mask_kind, has_scale, 
     mask_arg, mask, parity = _mask_args(mask_kind, shape, device)
     gy, gl = torch.randn(shape, device=device).to(dtype).float(), torch.randn(shape[0], device=device)
 
-    ins = _leaves((x, s, t, scale)) + [None if sldj is None else sldj.clone().requires_grad_()]
+    ins = grad_leaves((x, s, t, scale)) + [None if sldj is None else sldj.clone().requires_grad_()]
     with use("triton"):
         y, ldj = F.affine_coupling(ins[0], ins[1], ins[2], ins[3], mask_arg, reverse, ins[4])
     assert y.dtype == dtype and ldj.dtype == torch.float32 and y.shape == shape and ldj.shape == (shape[0],)
-    grads = _grads((y, ldj), (gy, gl), ins)
+    grads = cotangent_grads((y, ldj), (gy, gl), ins)
 
     y_s, ldj_s, same_in = _coupling_run(x, s, t, scale, mask, parity, reverse, sldj, dtype, False)
     y_r, ldj_r, ref_in = _coupling_run(x, s, t, scale, mask, parity, reverse, sldj, torch.float64, True)
-    same_grads = _grads((y_s, ldj_s), (gy, gl), same_in)
-    ref_grads = _grads((y_r, ldj_r), (gy, gl), ref_in)
+    same_grads = cotangent_grads((y_s, ldj_s), (gy, gl), same_in)
+    ref_grads = cotangent_grads((y_r, ldj_r), (gy, gl), ref_in)
     _check(y, y_s, y_r, dtype, "y")
     _check(ldj, ldj_s, ldj_r, dtype, "sldj_out")
     names = [n for n, v in zip(("grad x", "grad s", "grad t", "grad scale", "grad sldj"), ins) if v is not None]
@@ -231,14 +220,14 @@ def test_logit_transform_matches_reference(device, shape, reverse, has_noise, ha
     gy, gl = torch.randn(shape, device=device).to(dtype).float(), torch.randn(shape[0], device=device)
 
     def run(dt, upcast, triton):
-        ins = _leaves((x, noise), dt) + [None if sldj is None else sldj.to(
+        ins = grad_leaves((x, noise), dt) + [None if sldj is None else sldj.to(
             torch.float64 if dt == torch.float64 else torch.float32).requires_grad_()]
         if triton:
             with use("triton"):
                 y, ldj = F.logit_transform(ins[0], 0.05, reverse, ins[2], noise=ins[1])
         else:
             y, ldj = R.logit_transform(ins[0], 0.05, reverse, ins[2], ins[1], upcast=upcast)
-        return y, ldj, _grads((y, ldj), (gy, gl), ins)
+        return y, ldj, cotangent_grads((y, ldj), (gy, gl), ins)
 
     y, ldj, grads = run(dtype, True, True)
     assert y.dtype == dtype and ldj.dtype == torch.float32
@@ -301,13 +290,13 @@ def test_gmm_nll_and_logits_match_reference(device, b, k, d, diag, weights, labe
     gn, gl = torch.randn(b, device=device), torch.randn(b, k, device=device)
 
     def run(dt, upcast, triton):
-        ins = _leaves((z, means, log_std, wl), dt)
+        ins = grad_leaves((z, means, log_std, wl), dt)
         if triton:
             with use("triton"):
                 nll, logits = F.gmm_nll(*ins, labels=lab, label_weight=0.7, return_logits=True)
         else:
             nll, logits = R.gmm_nll(*ins, lab, 0.7, True, upcast=upcast)
-        return nll, logits, _grads((nll, logits), (gn, gl), ins)
+        return nll, logits, cotangent_grads((nll, logits), (gn, gl), ins)
 
     nll, logits, grads = run(dtype, True, True)
     assert nll.dtype == logits.dtype == torch.float32 and nll.shape == (b,) and logits.shape == (b, k)
