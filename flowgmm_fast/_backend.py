@@ -216,7 +216,7 @@ def _resolve(op: str, device_type: str, current: str) -> str:
             if current == "triton" and device_type == "cpu":
                 hint = " (set TRITON_INTERPRET=1 before importing triton to run the kernels on the CPU interpreter)"
             elif current == "native" and device_type == "cuda":
-                hint = f" (the extension was built without CUDA kernels; rebuild it: {rebuild_hint()})"
+                hint = f" (the extension was built without CUDA kernels; to rebuild it, {rebuild_hint()})"
             raise BackendUnavailableError(f"backend {current!r} does not support {device_type} tensors{hint}")
         return current
     preferred = _AUTO_TABLE.get(device_type, {}).get(op)

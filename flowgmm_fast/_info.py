@@ -32,10 +32,9 @@ def rebuild_hint() -> str:
     rebuilds in place; an installed wheel is replaced by one built from the sdist or a checkout."""
     root = source_checkout()
     if root is not None:
-        return f"`pip install --no-build-isolation -e .` in {root} (CUDA_HOME set for the CUDA kernels)"
-    return ("reinstall flowgmm-fast built against the running torch: `pip install --no-build-isolation --no-deps "
-            "--force-reinstall <the flowgmm_fast sdist (.tar.gz) or a source checkout>` (CUDA_HOME set for the CUDA "
-            "kernels), or install a wheel built for this torch")
+        return f"run `pip install --no-build-isolation -e .` in {root} (CUDA_HOME set for the CUDA kernels)"
+    return ("reinstall from the sdist or a source checkout, against the running torch: `pip install "
+            "--no-build-isolation --no-deps --force-reinstall <sdist or checkout>` (CUDA_HOME set for the CUDA kernels)")
 
 
 def build_info() -> dict:

@@ -24,15 +24,36 @@ when there is one, even if it failed to load.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import re
 
 import torch
 from torch import Tensor
 
-from flowgmm_fast._info import rebuild_hint
+from flowgmm_fast._info import rebuild_hint, source_checkout
 
 __all__ = ["affine_coupling", "squeeze2x2", "logit_transform", "gmm_log_prob", "gmm_nll", "unavailable_reason",
            "supports_device", "build_info"]
+
+
+def _wheel_torch_requirement() -> str | None:
+    """The ``torch==X.Y.*`` an installed binary wheel requires (None in a source checkout, or without such a pin)."""
+    if source_checkout() is not None:  # the metadata found may be another copy's; the fix there is a rebuild anyway
+        return None
+    try:
+        requirements = importlib.metadata.requires("flowgmm-fast") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    pins = [r.replace(" ", "") for r in requirements if re.fullmatch(r"torch\s*==\s*[\d.]+\*?", r)]
+    return pins[0] if pins else None
+
+
+def _load_failure(exc: ImportError) -> str:
+    pin = _wheel_torch_requirement()
+    torch_hint = (f"this flowgmm-fast was built for {pin} and torch {torch.__version__} is running; fix: "
+                  f"`pip install \"{pin}\"`, or {rebuild_hint()}") if pin else f"fix: {rebuild_hint()}"
+    return f"flowgmm_fast._C could not be imported ({type(exc).__name__}: {exc}); {torch_hint}"
+
 
 try:
     _C = importlib.import_module("flowgmm_fast._C")  # a missing module raises ModuleNotFoundError naming it
@@ -43,9 +64,8 @@ try:
 except ImportError as exc:  # reported through unavailable_reason()
     _BUILD = {}
     EXTENSION_BUILT = not (isinstance(exc, ModuleNotFoundError) and exc.name == "flowgmm_fast._C")
-    _IMPORT_ERROR = (f"flowgmm_fast._C could not be imported ({type(exc).__name__}: {exc}); fix: {rebuild_hint()}"
-                     if EXTENSION_BUILT else "flowgmm_fast._C was not built (an install without the compiled extension); to "
-                     f"build it: {rebuild_hint()}")
+    _IMPORT_ERROR = (_load_failure(exc) if EXTENSION_BUILT else "flowgmm_fast._C was not built (an install without "
+                     f"the compiled extension); to build it, {rebuild_hint()}")
 
 
 def build_info() -> dict:
@@ -84,7 +104,7 @@ def supports_device(device_type: str) -> bool:
 
 def _check_device(t: Tensor) -> None:
     if not supports_device(t.device.type):
-        hint = (f" (flowgmm_fast._C was built without CUDA kernels; rebuild it: {rebuild_hint()})"
+        hint = (f" (flowgmm_fast._C was built without CUDA kernels; to rebuild it, {rebuild_hint()})"
                 if t.device.type == "cuda" else "")
         raise RuntimeError(f"the native backend runs on cpu{' and cuda' if _BUILD.get('with_cuda') else ''} tensors, "
                            f"got a tensor on {t.device}{hint}")
