@@ -7,12 +7,13 @@ Install (the extension is compiled against the torch already installed, so the b
 Environment switches:
   FLOWGMM_FAST_BUILD_EXT=0      skip the extension entirely (the pure-Python package)
   FLOWGMM_FAST_BUILD_CUDA=0/1   force the CUDA kernels off / on. Default: on when the CUDA toolkit torch finds
-                                (CUDA_HOME, else the nvcc on PATH) is a whole toolkit -- bin/nvcc and the runtime library
-                                libcudart.so -- whose major version matches torch's CUDA; otherwise only the CPU kernels
-                                are built, and the reason is printed and kept in build_info()["cuda_skipped"]. With 1,
-                                a missing or mismatched toolkit stops the build before anything is compiled.
+                                (CUDA_HOME, else the nvcc on PATH) is a whole toolkit -- bin/nvcc and the runtime
+                                library libcudart.so -- whose major version matches torch's CUDA; otherwise only the
+                                CPU kernels are built, and the reason is printed and kept in
+                                build_info()["cuda_skipped"]. With 1, a missing or mismatched toolkit stops the build
+                                before anything is compiled.
   FLOWGMM_FAST_BUILD_DEBUG=1    keep debug information (-g for C++, -lineinfo for CUDA: gdb, compute-sanitizer and
-                                Nsight source views); release builds have none (-g0), which makes _C about 4x smaller
+                                Nsight source views); release builds have none (-g0): about 5 MB instead of 21 MB
   TORCH_CUDA_ARCH_LIST          CUDA architectures (default "8.0;9.0+PTX": A100, H100, PTX for newer GPUs)
   MAX_JOBS                      parallel compile jobs for ninja (default: from cores and memory, ~3 GiB per nvcc job)
 

@@ -34,7 +34,8 @@ def rebuild_hint() -> str:
     if root is not None:
         return f"run `pip install --no-build-isolation -e .` in {root} (CUDA_HOME set for the CUDA kernels)"
     return ("reinstall from the sdist or a source checkout, against the running torch: `pip install "
-            "--no-build-isolation --no-deps --force-reinstall <sdist or checkout>` (CUDA_HOME set for the CUDA kernels)")
+            "--no-build-isolation --no-deps --force-reinstall <sdist or checkout>` (CUDA_HOME set for the CUDA "
+            "kernels)")
 
 
 def build_info() -> dict:
@@ -86,7 +87,8 @@ def collect() -> dict:
 
     info = build_info()
     info["python"] = f"{platform.python_version()} ({platform.system()} {platform.machine()})"
-    info["torch"] = {"version": torch.__version__, "cuda": torch.version.cuda, "location": str(Path(torch.__file__).parent)}
+    info["torch"] = {"version": torch.__version__, "cuda": torch.version.cuda,
+                     "location": str(Path(torch.__file__).parent)}
     info["triton"] = _version_of("triton")
     info["numpy"] = _version_of("numpy")
     devices = []
