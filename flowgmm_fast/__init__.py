@@ -7,12 +7,14 @@ API levels (each built only on the one below it):
   flowgmm_fast.FlowGMM     -- the model: flow + Gaussian-mixture prior (log_prob, bits_per_dim, predict, sample)
   flowgmm_fast.FlowGMMClassifier -- the scikit-learn estimator for tables (fit(X, y) with y == -1 unlabeled)
 Backends ("torch" reference, "triton", "native", "auto"): set_backend / get_backend / use_backend /
-available_backends, or the environment variable FLOWGMM_FAST_BACKEND.
+available_backends, or the environment variable FLOWGMM_FAST_BACKEND. build_info() (and ``python -m flowgmm_fast``)
+says how this installation was built and which backends run here.
 """
 
 from . import debug, functional
 from ._backend import (BackendUnavailableError, available_backends, get_backend, set_backend, unavailable_reason,
                        use_backend)
+from ._info import build_info
 from ._version import __version__
 from . import nn
 from .model import FlowGMM, FlowGMMOutput
@@ -31,4 +33,5 @@ def __getattr__(name):
 
 
 __all__ = ["FlowGMM", "FlowGMMOutput", "FlowGMMClassifier", "functional", "nn", "debug", "set_backend", "get_backend",
-           "use_backend", "available_backends", "unavailable_reason", "BackendUnavailableError", "__version__"]
+           "use_backend", "available_backends", "unavailable_reason", "BackendUnavailableError", "build_info",
+           "__version__"]
