@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from flowgmm_fast.data import (ImageData, LabelSplitError, SemiSupervisedLoader, augment, balanced_split, dequantize,
-                               eval_batches, label_split_path, load_image_dataset, load_label_split,
-                               save_label_split)
+from flowgmm_fast.data import (ImageData, LabelSplitError, SemiSupervisedLoader, augment, balanced_split,
+                               canonical_dataset_name, dequantize, eval_batches, label_split_path, load_image_dataset,
+                               load_label_split, save_label_split)
 
 MNIST_RAW = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "MNIST" / "raw"
 REPO = Path(__file__).resolve().parents[1]
@@ -95,11 +95,47 @@ def test_mnist_reader_real_files():
     assert np.bincount(train.labels.numpy()).min() > 5000
 
 
+def write_idx(folder: Path, n_train=40, n_test=10, size=(28, 28), num_classes=10, gz=False, seed=0) -> Path:
+    """The four files of MNIST's IDX format (big-endian header: magic 0x0803 / 0x0801, then the dimensions)."""
+    import gzip
+
+    rng = np.random.RandomState(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.randint(0, 256, (n, *size)).astype(np.uint8)
+        labels = (np.arange(n) % num_classes).astype(np.uint8)
+        for kind, arr in (("images-idx3", images), ("labels-idx1", labels)):
+            header = (0x0800 | arr.ndim).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in arr.shape)
+            path = folder / f"{prefix}-{kind}-ubyte"
+            with (gzip.open(path.with_name(path.name + ".gz"), "wb") if gz else open(path, "wb")) as f:
+                f.write(header + arr.tobytes())
+    return folder
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_any_dataset_in_mnist_idx_format_by_name(tmp_path, gz):
+    write_idx(tmp_path / "KMNIST" / "raw", n_train=30, num_classes=3, size=(16, 12), gz=gz)
+    train = load_image_dataset("KMNIST", tmp_path, train=True)  # found in torchvision's <Name>/raw layout
+    test = load_image_dataset("kmnist", tmp_path / "KMNIST" / "raw", train=False)
+    assert train.dataset == test.dataset == "kmnist" and canonical_dataset_name("K-MNIST") == "kmnist"
+    assert train.images.shape == (30, 1, 16, 12) and test.images.shape == (10, 1, 16, 12)
+    assert train.num_classes == 3 and train.labels.tolist()[:4] == [0, 1, 2, 0]
+    idx = balanced_split(train.labels.numpy(), 9, 0, num_classes=train.num_classes)
+    for ext in (".npz", ".txt"):
+        path = save_label_split(tmp_path / f"split{ext}", "kmnist", idx, train.labels.numpy()[idx], num_train=30)
+        assert np.array_equal(load_label_split(path, train), idx)
+    with pytest.raises(LabelSplitError, match="made for 'kmnist', not 'mnist'"):
+        load_label_split(tmp_path / "split.npz", _data(n=30, dataset="mnist"))
+
+
 def test_missing_or_wrong_data_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="cifar-10-batches-py"):
         load_image_dataset("CIFAR10", tmp_path)
-    with pytest.raises(ValueError, match="dataset must be one of"):
+    with pytest.raises(FileNotFoundError, match="no imagenet data .*MNIST's IDX format"):
         load_image_dataset("imagenet", tmp_path)
+    for bad in ("my data", "../mnist", ""):
+        with pytest.raises(ValueError, match="dataset must be MNIST, CIFAR10, SVHN or the name of a dataset"):
+            load_image_dataset(bad, tmp_path)
     with pytest.raises(ValueError, match="uint8 of shape"):
         ImageData(torch.zeros(2, 3, 28, 28, dtype=torch.uint8), torch.zeros(2, dtype=torch.long), "mnist")
 

@@ -7,6 +7,11 @@ Readers (no download here; ``experiments/prepare_data.py`` downloads with torchv
 - :func:`load_image_dataset` reads a prepared folder (``<data_path>/train.npz``, ``test.npz``: ``images``,
   ``labels``) or torchvision's on-disk formats: MNIST IDX files (``raw/`` or ``MNIST/raw/``, optionally .gz),
   CIFAR-10 ``cifar-10-batches-py`` pickles, SVHN ``train_32x32.mat`` / ``test_32x32.mat``.
+- Any other dataset name (e.g. ``fashion_mnist``, ``kmnist``) is a dataset in MNIST's on-disk format: the four IDX
+  files ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``, ``t10k-...`` (optionally .gz; in the folder,
+  its ``raw/`` or a ``<Name>/raw/`` below it, torchvision's layout), any image size, grayscale, classes 0..K-1 with
+  K = the largest training label + 1. The name labels the prepared files and label splits, so a split made for one
+  dataset is refused for another.
 
 Label splits, in the original repository's layout ``data/labels/<dataset>/<N>_balanced_labels/<seed>.<ext>``:
 - MNIST and SVHN ``.npz`` with ``labeled_indices`` and ``unlabeled_indices`` as the original reads them (plus
@@ -38,8 +43,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DATASETS", "ImageData", "load_image_dataset", "balanced_split", "label_split_path", "save_label_split",
-           "load_label_split", "LabelSplitError", "dequantize", "augment", "SemiSupervisedLoader", "eval_batches"]
+__all__ = ["DATASETS", "ImageData", "canonical_dataset_name", "load_image_dataset", "balanced_split",
+           "label_split_path", "save_label_split", "load_label_split", "LabelSplitError", "dequantize", "augment",
+           "SemiSupervisedLoader", "eval_batches"]
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 DIGITS = tuple(str(i) for i in range(10))
@@ -47,11 +53,11 @@ DIGITS = tuple(str(i) for i in range(10))
 
 @dataclass(frozen=True)
 class _Spec:
-    name: str          # canonical lower-case name (label folder)
-    shape: tuple       # (C, H, W)
-    classes: tuple     # class names, index = label
-    split_ext: str     # label split file extension
-    flip: bool         # horizontal flip in the augmentation
+    name: str               # canonical lower-case name (label folder)
+    shape: tuple | None     # (C, H, W); None: any (an MNIST-format dataset)
+    classes: tuple | None   # class names, index = label; None: 0..K-1 from the labels (an MNIST-format dataset)
+    split_ext: str          # label split file extension
+    flip: bool              # horizontal flip in the augmentation
 
 
 DATASETS = {
@@ -61,11 +67,23 @@ DATASETS = {
 }
 
 
-def _spec(dataset: str) -> _Spec:
+_IDX_NAME = re.compile(r"[a-z0-9][a-z0-9_.]*")
+
+
+def canonical_dataset_name(dataset: str) -> str:
+    """The lower-case name that labels a dataset's files: "mnist", "cifar10", "svhn", or the name of a dataset in
+    MNIST's IDX format (letters, digits, '_' and '.'; '-' is dropped, so "Fashion-MNIST" -> "fashionmnist").
+    Raises ValueError for anything else."""
     key = str(dataset).lower().replace("-", "")
-    if key not in DATASETS:
-        raise ValueError(f"dataset must be one of MNIST, CIFAR10, SVHN, got {dataset!r}")
-    return DATASETS[key]
+    if key not in DATASETS and not _IDX_NAME.fullmatch(key):
+        raise ValueError(f"dataset must be MNIST, CIFAR10, SVHN or the name of a dataset in MNIST's IDX format "
+                         f"(letters, digits, '_', '.'), got {dataset!r}")
+    return key
+
+
+def _spec(dataset: str) -> _Spec:
+    key = canonical_dataset_name(dataset)
+    return DATASETS.get(key) or _Spec(key, None, None, ".npz", False)
 
 
 @dataclass
@@ -78,13 +96,17 @@ class ImageData:
 
     def __post_init__(self):
         spec = _spec(self.dataset)
-        if self.images.dtype != torch.uint8 or tuple(self.images.shape[1:]) != spec.shape:
-            raise ValueError(f"{spec.name} images must be uint8 of shape (N, {', '.join(map(str, spec.shape))}), got "
+        self.dataset = spec.name
+        shape = "C, H, W" if spec.shape is None else ", ".join(map(str, spec.shape))
+        if (self.images.dtype != torch.uint8 or self.images.dim() != 4
+                or (spec.shape is not None and tuple(self.images.shape[1:]) != spec.shape)):
+            raise ValueError(f"{spec.name} images must be uint8 of shape (N, {shape}), got "
                              f"{self.images.dtype} {tuple(self.images.shape)}")
         if self.labels.shape != (self.images.shape[0],):
             raise ValueError(f"labels must have shape ({self.images.shape[0]},), got {tuple(self.labels.shape)}")
-        if len(self.labels) and (int(self.labels.min()) < 0 or int(self.labels.max()) >= len(spec.classes)):
-            raise ValueError(f"{spec.name} labels must be in [0, {len(spec.classes)}), got range "
+        top = len(spec.classes) if spec.classes is not None else None
+        if len(self.labels) and (int(self.labels.min()) < 0 or (top is not None and int(self.labels.max()) >= top)):
+            raise ValueError(f"{spec.name} labels must be in [0, {top if top is not None else 'K'}), got range "
                              f"[{int(self.labels.min())}, {int(self.labels.max())}]")
         self.labels = self.labels.long()
 
@@ -93,7 +115,11 @@ class ImageData:
 
     @property
     def num_classes(self) -> int:
-        return len(_spec(self.dataset).classes)
+        """K: the dataset's classes (an MNIST-format dataset: the largest label + 1)."""
+        classes = _spec(self.dataset).classes
+        if classes is not None:
+            return len(classes)
+        return int(self.labels.max()) + 1 if len(self.labels) else 0
 
 
 # ------------------------------------------------------------------------------------------------- readers
@@ -124,7 +150,12 @@ def _read_idx(path: Path) -> np.ndarray:
 
 
 def _mnist_dir(root: Path) -> Path | None:
-    for d in (root, root / "raw", root / "MNIST" / "raw"):
+    """The folder with the IDX files: ``root``, ``root/raw``, ``root/MNIST/raw`` or another ``root/<Name>/raw``
+    (torchvision's FashionMNIST/raw, KMNIST/raw)."""
+    candidates = [root, root / "raw", root / "MNIST" / "raw"]
+    if root.is_dir():
+        candidates += sorted(d / "raw" for d in root.iterdir() if d.is_dir())
+    for d in candidates:
         if _open_maybe_gz(d / "train-images-idx3-ubyte") is not None:
             return d
     return None
@@ -135,6 +166,9 @@ def _read_mnist(root: Path, train: bool):
     prefix = "train" if train else "t10k"
     images = _read_idx(d / f"{prefix}-images-idx3-ubyte")
     labels = _read_idx(d / f"{prefix}-labels-idx1-ubyte")
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise ValueError(f"{d}: expected {prefix} images (N, H, W) and labels (N,), got shapes {images.shape} and "
+                         f"{labels.shape}")
     return images[:, None], labels
 
 
@@ -169,7 +203,8 @@ def _read_svhn(root: Path, train: bool):
 
 
 def load_image_dataset(dataset: str, data_path: str | Path, train: bool = True) -> ImageData:
-    """The train (or test) split of ``dataset`` ("MNIST", "CIFAR10", "SVHN") from ``data_path``.
+    """The train (or test) split of ``dataset`` ("MNIST", "CIFAR10", "SVHN", or the name of a dataset in MNIST's
+    IDX format) from ``data_path``.
 
     ``data_path`` is a prepared folder (``train.npz`` / ``test.npz``) or a folder in torchvision's on-disk format
     (see the module docstring). Raises FileNotFoundError naming what was looked for.
@@ -183,16 +218,16 @@ def load_image_dataset(dataset: str, data_path: str | Path, train: bool = True) 
             if "dataset" in z and str(z["dataset"]) != spec.name:
                 raise ValueError(f"{prepared} holds {str(z['dataset'])!r} data, not {spec.name!r}")
             images, labels = z["images"], z["labels"]
-    elif spec.name == "mnist" and _mnist_dir(root) is not None:
+    elif spec.name not in ("cifar10", "svhn") and _mnist_dir(root) is not None:
         images, labels = _read_mnist(root, train)
     elif spec.name == "cifar10" and _cifar_dir(root) is not None:
         images, labels = _read_cifar10(root, train)
     elif spec.name == "svhn" and (root / f"{split}_32x32.mat").exists():
         images, labels = _read_svhn(root, train)
     else:
-        expected = {"mnist": "raw/train-images-idx3-ubyte[.gz] (torchvision MNIST/raw)",
-                    "cifar10": "cifar-10-batches-py/data_batch_1..5, test_batch",
-                    "svhn": "train_32x32.mat, test_32x32.mat"}[spec.name]
+        expected = {"cifar10": "cifar-10-batches-py/data_batch_1..5, test_batch",
+                    "svhn": "train_32x32.mat, test_32x32.mat"}.get(
+            spec.name, "raw/train-images-idx3-ubyte[.gz] (torchvision MNIST/raw; MNIST's IDX format)")
         raise FileNotFoundError(f"no {spec.name} data under {str(root)!r}: expected {split}.npz (written by "
                                 f"experiments/prepare_data.py) or {expected}")
     return ImageData(torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8)),
@@ -244,7 +279,8 @@ def save_label_split(path: str | Path, dataset: str, indices, labels, seed: int 
         np.savez(path, labeled_indices=indices, unlabeled_indices=unlabeled, labels=labels,
                  dataset=np.array(spec.name), seed=np.array(-1 if seed is None else seed))
     elif path.suffix == ".txt":
-        lines = [f"{i}_{spec.classes[y]}.png {spec.classes[y]}" for i, y in zip(indices, labels)]
+        names = [spec.classes[y] if spec.classes is not None else str(y) for y in labels]
+        lines = [f"{i}_{name}.png {name}" for i, name in zip(indices, names)]
         path.write_text("\n".join(lines) + "\n")
     else:
         raise ValueError(f"label split files end in .npz or .txt, got {str(path)!r}")
@@ -295,11 +331,12 @@ def load_label_split(path: str | Path, data: ImageData) -> np.ndarray:
             if m is None:
                 raise LabelSplitError(f"label split {str(path)!r} line {lineno}: expected '<index>_<class>.png "
                                       f"<class>', got {line.strip()!r}")
-            if m.group(2) not in spec.classes:
+            classes = spec.classes if spec.classes is not None else tuple(map(str, range(data.num_classes)))
+            if m.group(2) not in classes:
                 raise LabelSplitError(f"label split {str(path)!r} line {lineno}: class {m.group(2)!r} is not a "
-                                      f"{spec.name} class {spec.classes} (a split for another dataset?)")
+                                      f"{spec.name} class {classes} (a split for another dataset?)")
             idx.append(int(m.group(1)))
-            names.append(spec.classes.index(m.group(2)))
+            names.append(classes.index(m.group(2)))
         indices, claimed = np.asarray(idx, dtype=np.int64), np.asarray(names, dtype=np.int64)
     else:
         raise LabelSplitError(f"label split file must end in .npz or .txt, got {str(path)!r}")
