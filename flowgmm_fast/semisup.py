@@ -204,8 +204,8 @@ def steps_for_epochs(epochs: float, num_unlabeled: int, batch_size: int) -> int:
 
 
 def _check_data(x: torch.Tensor, labels: torch.Tensor, num_classes: int):
-    if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_floating_point():
-        raise ValueError(f"x must be a floating (N, D) tensor, got {getattr(x, 'shape', type(x))}")
+    if not isinstance(x, torch.Tensor) or x.dim() < 2 or not x.is_floating_point():
+        raise ValueError(f"x must be a floating (N, D) or (N, C, H, W) tensor, got {getattr(x, 'shape', type(x))}")
     if not isinstance(labels, torch.Tensor) or labels.shape != (x.shape[0],) or labels.dtype != torch.int64:
         raise ValueError(f"labels must be an int64 tensor of shape ({x.shape[0]},) with -1 for unlabeled points")
     if labels.numel() and (labels.min() < -1 or labels.max() >= num_classes):
