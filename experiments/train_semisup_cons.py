@@ -5,7 +5,13 @@ decay on the weight-norm gains only, a separate Adam (lr_gmm) for trainable prio
 batches half labeled / half unlabeled, an epoch = one pass over the labeled data, two augmentations per image,
 loss = label_weight * CE(labeled) + NLL(all) + w(epoch) * consistency, w ramping linearly to consistency_weight over
 consistency_rampup epochs. Extra: --backend, --device, --dtype/--amp (bf16 autocast), --seed, --max_steps,
---compile, --distributed (torchrun), model size flags, exact --resume, atomic checkpoints, a NaN guard.
+--compile, --distributed (torchrun), model size flags, exact --resume, atomic checkpoints, a NaN guard, --threads,
+--warmup_steps, means and std of the prior from the labeled points (--means_init/--std_init labeled), and --preset:
+a named set of defaults (PRESETS; flags given on the command line win). Without --preset every default is the
+original's. Any dataset in MNIST's IDX format works by name (prepare_data.py --dataset <name> --source DIR).
+
+    --preset mnist-cpu: FlowGMM on a 28x28 grayscale dataset (MNIST-format) with 1000 labels on a 2-core CPU in
+    about an hour (experiments/RESULTS.md: the curve, the ablations and the wall time per epoch of the paper's model)
 
     python experiments/prepare_data.py --dataset MNIST --source ../shared/datasets/MNIST/raw
     python experiments/train_semisup_cons.py --dataset=MNIST --data_path=data/images/mnist \\
@@ -26,18 +32,29 @@ from pathlib import Path
 import torch
 
 import flowgmm_fast
-from flowgmm_fast.data import ImageData, SemiSupervisedLoader, eval_batches, load_image_dataset, load_label_split
+from flowgmm_fast.data import (ImageData, SemiSupervisedLoader, canonical_dataset_name, dequantize, eval_batches,
+                               load_image_dataset, load_label_split)
+from flowgmm_fast.semisup import init_means_from_labeled, init_std_from_labeled
 from flowgmm_fast.training import (Trainer, TrainLogger, cleanup_distributed, flowgmm_cons_loss, init_distributed,
                                    is_main_process, linear_rampup, make_lr_scheduler, seed_everything, unwrap_model,
                                    weight_decay_param_groups, wrap_model)
 
 FLOWS = ("RealNVP",)
 
+# Named defaults (--preset); flags given on the command line override them. Measured in experiments/RESULTS.md.
+PRESETS = {
+    "mnist-cpu": dict(mid_channels=32, num_blocks=2, batch_size=32, means_init="labeled", std_init="labeled",
+                      warmup_steps=100),
+}
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="FlowGMM(-cons) semi-supervised training on images",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", required=True, type=str.upper, choices=["MNIST", "CIFAR10", "SVHN"])
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="named defaults (PRESETS); flags given on the command line win")
+    p.add_argument("--dataset", required=True, type=str.upper,
+                   help="MNIST, CIFAR10, SVHN, or the name of a dataset in MNIST's IDX format (prepare_data.py)")
     p.add_argument("--data_path", default=None,
                    help="prepared folder (train.npz/test.npz) or torchvision's files; default data/images/<dataset>")
     p.add_argument("--label_path", required=True,
@@ -55,8 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", default=64, type=int, help="global batch (half labeled, half unlabeled)")
     p.add_argument("--weight_decay", default=5e-5, type=float, help="L2 on the weight-norm gains only")
     p.add_argument("--max_grad_norm", default=100.0, type=float)
-    p.add_argument("--means_r", default=1.0, type=float, help="means ~ N(0, r^2 I)")
-    p.add_argument("--cov_std", default=1.0, type=float, help="initial component std")
+    p.add_argument("--means_r", default=1.0, type=float, help="means ~ N(0, r^2 I) (--means_init random)")
+    p.add_argument("--cov_std", default=1.0, type=float, help="initial component std (--std_init fixed)")
     p.add_argument("--means_trainable", action="store_true")
     p.add_argument("--covs_trainable", action="store_true")
     p.add_argument("--weights_trainable", action="store_true")
@@ -84,6 +101,20 @@ def parse_args(argv=None):
     p.add_argument("--log_freq", default=50, type=int, help="steps between training-loss logs")
     p.add_argument("--eval_batch_size", default=500, type=int)
     p.add_argument("--eval_limit", default=None, type=int, help="evaluate on the first N test images only")
+    p.add_argument("--threads", default=None, type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--warmup_steps", default=0, type=int, help="linear learning-rate warm-up (steps)")
+    p.add_argument("--time_limit", default=None, type=float,
+                   help="minutes of training wall time for this run (from the start of the script, setup included, "
+                        "periodic evaluations excluded): training ends at the first epoch end after which one more "
+                        "epoch would pass it; then the final evaluation")
+    p.add_argument("--means_init", default="random", choices=["random", "labeled"],
+                   help="random: N(0, means_r^2 I) (the original); labeled: the mean latent of each class's labeled "
+                        "images under the initial flow")
+    p.add_argument("--std_init", default="fixed", choices=["fixed", "labeled"],
+                   help="fixed: --cov_std; labeled: the pooled within-class std of the labeled latents")
+    preset = p.parse_known_args(argv)[0].preset
+    if preset is not None:
+        p.set_defaults(**PRESETS[preset])
     args = p.parse_args(argv)
     if args.gmm_trainable:
         args.means_trainable = args.covs_trainable = args.weights_trainable = True
@@ -94,7 +125,18 @@ def parse_args(argv=None):
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.max_steps is not None and args.max_steps < 1:
         p.error(f"--max_steps must be >= 1, got {args.max_steps}")
-    ds = args.dataset.lower()
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads must be >= 1, got {args.threads}")
+    if args.time_limit is not None and not args.time_limit > 0:
+        p.error(f"--time_limit must be > 0 minutes, got {args.time_limit}")
+    if args.warmup_steps < 0:
+        p.error(f"--warmup_steps must be >= 0, got {args.warmup_steps}")
+    if args.std_init == "labeled" and args.means_init != "labeled":
+        p.error("--std_init labeled measures the spread about the labeled class means: it needs --means_init labeled")
+    try:
+        ds = canonical_dataset_name(args.dataset)
+    except ValueError as exc:
+        p.error(str(exc))
     args.data_path = args.data_path or f"data/images/{ds}"
     args.logdir = args.logdir or f"runs/{ds}"
     args.ckptdir = args.ckptdir or f"checkpoints/{ds}"
@@ -108,6 +150,42 @@ def build_model(args, in_channels: int, dim: int, num_classes: int) -> flowgmm_f
                                             means_trainable=args.means_trainable, std_trainable=args.covs_trainable,
                                             weights_trainable=args.weights_trainable)
     return flowgmm_fast.FlowGMM(flow, prior)
+
+
+@torch.no_grad()
+def calibrate_batch_norm(flow: torch.nn.Module, x: torch.Tensor, batch_size: int) -> None:
+    """Set the running statistics of every batch-norm layer of ``flow`` to their averages over ``x`` (training-mode
+    forward passes in chunks of ``batch_size``), so that the flow in eval mode computes what training computes."""
+    norms = [m for m in flow.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    was_training = flow.training
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the chunks
+    flow.train()
+    for chunk in x.split(batch_size):
+        flow(chunk)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    flow.train(was_training)
+
+
+@torch.no_grad()
+def init_prior_from_labeled(model: flowgmm_fast.FlowGMM, images: torch.Tensor, labels: torch.Tensor, args) -> str:
+    """--means_init labeled (and --std_init labeled): each class's mean and the pooled within-class std of the
+    latents of its labeled images (dequantised, not augmented) under the initial flow, whose batch-norm statistics
+    are first set from the same images; the tabular path's flowgmm_fast.semisup initialisation. Not in the original,
+    whose means are random: the prior then starts as the nearest-class-mean classifier the labels imply in the
+    initial latent space, rather than asking the flow to carry every class to an arbitrary point. Returns a log line."""
+    x = dequantize(images, torch.Generator(device=images.device).manual_seed(args.seed))
+    calibrate_batch_norm(model.flow, x, args.eval_batch_size)
+    means = init_means_from_labeled(model, x, labels, min_separation=None)
+    line = "prior from the labeled points: means"
+    if args.std_init == "labeled":
+        sigma = init_std_from_labeled(model, x, labels)
+        line += ", std" + ("" if sigma is None else f" {sigma:.3f}")
+    dist = torch.cdist(means, means).fill_diagonal_(float("inf"))
+    return line + f" (closest two {float(dist.min()):.2f} apart)"
 
 
 @torch.no_grad()
@@ -133,7 +211,10 @@ def evaluate(model, test, args, info, autocast_dtype):
 
 
 def main(argv=None):
+    start = time.perf_counter()
     args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     info = init_distributed(args.device, distributed=args.distributed)
     flowgmm_fast.set_backend(args.backend)
     seed_everything(args.seed)
@@ -152,12 +233,18 @@ def main(argv=None):
 
     c, h, w = train.images.shape[1:]
     model = build_model(args, c, c * h * w, train.num_classes).to(info.device)
+    prior_line = None
+    if args.means_init == "labeled":
+        lab = torch.as_tensor(labeled, dtype=torch.long)
+        prior_line = init_prior_from_labeled(model, train.images[lab].to(info.device),
+                                             train.labels[lab].to(info.device), args)
     flow_opt = torch.optim.Adam(weight_decay_param_groups(model.flow, args.weight_decay), lr=args.lr)
     optimizers = {"flow": flow_opt}
     prior_params = [p for p in model.prior.parameters() if p.requires_grad]
     if prior_params:
         optimizers["gmm"] = torch.optim.Adam(prior_params, lr=args.lr_gmm, weight_decay=0.0)
-    schedulers = {name: make_lr_scheduler(opt, args.schedule, max_steps) for name, opt in optimizers.items()}
+    schedulers = {name: make_lr_scheduler(opt, args.schedule, max_steps, warmup_steps=args.warmup_steps)
+                  for name, opt in optimizers.items()}
     net = wrap_model(model, info)
     if args.compile:
         net = torch.compile(net)
@@ -181,7 +268,10 @@ def main(argv=None):
         logger.write(f"{args.dataset}: {len(train)} train ({len(labeled)} labeled), {len(test)} test | "
                      f"{args.flow} {n_params} parameters | {spe} steps/epoch, steps {trainer.step} -> {max_steps} | "
                      f"device {info.device} x{info.world_size} | backend {args.backend} | dtype {args.dtype}"
-                     + (f" | resumed from {resume}" if resume is not None else ""))
+                     + (f" | resumed from {resume}" if resume is not None else "")
+                     + (f" | threads {torch.get_num_threads()}" if info.device.type == "cpu" else ""))
+        if prior_line is not None and resume is None:
+            logger.write(prior_line)
 
     def compute_loss(batch, tr):
         x, labels, x2 = batch
@@ -192,18 +282,47 @@ def main(argv=None):
                                            use_unlabeled=not args.supervised_only)
         return loss, parts
 
-    start = time.perf_counter()
     start_step = trainer.step
+    eval_time = [0.0]
+
+    def timed_evaluate(tr):
+        """evaluate(), plus the wall time since the script started without (train_s) and with (wall_s) the
+        evaluations (setup, i.e. data loading and the prior's initialisation, is in both)."""
+        t0 = time.perf_counter()
+        train_s = t0 - start - eval_time[0]
+        metrics = evaluate(net, test, args, info, autocast_dtype)
+        eval_time[0] += time.perf_counter() - t0
+        return {**metrics, "train_s": round(train_s, 1), "wall_s": round(time.perf_counter() - start, 1)}
+
+    epoch_started = [time.perf_counter(), 0.0]  # when the current epoch began, the evaluation time then
+
+    def stop_on_time(tr):
+        """--time_limit: stop at this epoch end when one more epoch would pass the limit on the training time (wall
+        time less the evaluations; the decision is rank 0's, broadcast, so that every rank stops at the same
+        step)."""
+        now = time.perf_counter()
+        epoch_s = now - epoch_started[0] - (eval_time[0] - epoch_started[1])
+        epoch_started[:] = [now, eval_time[0]]
+        train_s = now - start - eval_time[0]
+        stop = torch.tensor(float(train_s + epoch_s > 60 * args.time_limit), device=info.device)
+        if info.distributed:
+            torch.distributed.broadcast(stop, 0)
+        if bool(stop):
+            tr.request_stop()
+
     try:
         metrics = trainer.fit(loader.batches_from, compute_loss, max_steps=max_steps, log_every=args.log_freq,
                               eval_every=args.eval_freq * spe, save_every=args.save_freq * spe,
-                              evaluate=lambda tr: evaluate(net, test, args, info, autocast_dtype))
+                              evaluate=timed_evaluate,
+                              on_epoch_end=stop_on_time if args.time_limit is not None else None)
     finally:
         cleanup_distributed()
     wall = time.perf_counter() - start
     if is_main_process():
+        metrics = {k: v for k, v in metrics.items() if k not in ("train_s", "wall_s")}
         summary = {"steps": trainer.step, "steps_this_run": trainer.step - start_step, "wall_s": round(wall, 1),
-                   "epoch": round(trainer.epoch, 3), **{k: round(v, 5) for k, v in metrics.items()}}
+                   "train_s": round(wall - eval_time[0], 1), "epoch": round(trainer.epoch, 3),
+                   **{k: round(v, 5) for k, v in metrics.items()}}
         print("final " + json.dumps(summary), flush=True)
     return metrics
 
