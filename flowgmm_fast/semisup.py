@@ -77,9 +77,20 @@ def build_tabular_flowgmm(dim: int, num_classes: int, *, num_coupling_layers: in
     return FlowGMM(flow, prior)
 
 
+def _labeled_latents(model: FlowGMM, x: torch.Tensor, labels: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+    """f(x) of the labeled rows (the model in eval mode), or the given ``z`` after a shape check."""
+    n = int((labels >= 0).sum())
+    if z is None:
+        return model.encode(x[labels >= 0])[0]
+    if z.dim() != 2 or z.shape[0] != n or z.shape[1] != model.prior.means.shape[1]:
+        raise ValueError(f"z must be the ({n}, {model.prior.means.shape[1]}) latents of the labeled rows, got "
+                         f"{tuple(z.shape)}")
+    return z
+
+
 @torch.no_grad()
 def init_means_from_labeled(model: FlowGMM, x: torch.Tensor, labels: torch.Tensor,
-                            min_separation: float | None = 4.0) -> torch.Tensor:
+                            min_separation: float | None = 4.0, *, z: torch.Tensor | None = None) -> torch.Tensor:
     """Data-dependent means: mu_k = mean of f(x) over the labeled points of class k (the flow in eval mode); classes
     without labels keep their mean. Then, when ``min_separation`` is given and the closest two means are nearer than
     ``min_separation`` x the largest component std, all means are scaled about their centroid until they are not.
@@ -88,14 +99,15 @@ def init_means_from_labeled(model: FlowGMM, x: torch.Tensor, labels: torch.Tenso
     components whose means lie closer than a few sigma overlap, and the unlabeled likelihood is then fitted by a blend
     of components instead of one per class; random means also ask the flow to carry every class to an arbitrary
     point. Measured effect (2-D sets, digits, breast-cancer): experiments/RESULTS.md.
-    Returns the (K, D) means written into ``model.prior.means``.
+    ``z``: the latents of the labeled rows ``x[labels >= 0]`` under the flow in eval mode, when the caller already
+    has them (they are not recomputed). Returns the (K, D) means written into ``model.prior.means``.
     """
     _check_data(x, labels, model.prior.num_classes)
     if min_separation is not None and not min_separation > 0:
         raise ValueError(f"min_separation must be > 0 or None, got {min_separation!r}")
     was_training = model.training
     model.eval()
-    z, _ = model.encode(x[labels >= 0])
+    z = _labeled_latents(model, x, labels, z)
     y = labels[labels >= 0]
     means = model.prior.means
     for k in range(model.prior.num_classes):
@@ -116,12 +128,12 @@ def init_means_from_labeled(model: FlowGMM, x: torch.Tensor, labels: torch.Tenso
 
 @torch.no_grad()
 def init_std_from_labeled(model: FlowGMM, x: torch.Tensor, labels: torch.Tensor,
-                          floor: float = 0.05) -> float | None:
+                          floor: float = 0.05, *, z: torch.Tensor | None = None) -> float | None:
     """Set every component's (isotropic) std to the pooled within-class spread of the labeled points in latent
     space, sigma^2 = sum_i |f(x_i) - mu_{y_i}|^2 / (D (n - K')) over the n labeled points of the K' classes that have
     any (the unbiased pooled variance), at least ``floor``. Call it after :func:`init_means_from_labeled` (without
     spreading), so the model starts as the nearest-class-mean Gaussian classifier the labels imply. Returns sigma,
-    or None (std unchanged) when no class has two labeled points."""
+    or None (std unchanged) when no class has two labeled points. ``z``: as in :func:`init_means_from_labeled`."""
     _check_data(x, labels, model.prior.num_classes)
     lab = labels >= 0
     y = labels[lab]
@@ -130,7 +142,7 @@ def init_std_from_labeled(model: FlowGMM, x: torch.Tensor, labels: torch.Tensor,
         return None
     was_training = model.training
     model.eval()
-    z, _ = model.encode(x[lab])
+    z = _labeled_latents(model, x, labels, z)
     model.train(was_training)
     resid = z.double() - model.prior.means.double()[y]
     sigma = max(floor, math.sqrt(float((resid ** 2).sum()) / (z.shape[1] * (n - k_seen))))

@@ -6,7 +6,7 @@ import torch
 from flowgmm_fast.data.tabular import balanced_labeled_indices, semisup_labels
 from flowgmm_fast.data.toy import eight_gaussians, two_moons
 from flowgmm_fast.semisup import (FitConfig, accuracy, build_tabular_flowgmm, fit_flowgmm, init_means_from_labeled,
-                                  steps_for_epochs)
+                                  init_std_from_labeled, steps_for_epochs)
 
 
 def _moons(n=200):
@@ -70,6 +70,24 @@ def test_init_means_from_labeled_puts_means_at_class_latents():
     torch.testing.assert_close(ratio, torch.full_like(ratio, float(ratio[0])))
     with pytest.raises(ValueError, match="min_separation"):
         init_means_from_labeled(model, x, labels, min_separation=0.0)
+
+
+def test_init_from_labeled_takes_precomputed_latents():
+    """z= (the labeled rows' latents, computed once by the caller) gives what encoding inside does."""
+    x, y = eight_gaussians(200, noise=0.05, seed=1)
+    labels = torch.from_numpy(semisup_labels(y, balanced_labeled_indices(y, 24, seed=0)))
+    x = torch.from_numpy(x)
+    model = build_tabular_flowgmm(2, 8, num_coupling_layers=2, hidden_dim=16, seed=0)
+    means = init_means_from_labeled(model, x, labels, min_separation=None).clone()
+    sigma = init_std_from_labeled(model, x, labels)
+    model.eval()
+    with torch.no_grad():
+        z, _ = model.encode(x[labels >= 0])
+    model.prior.means.data.zero_()
+    torch.testing.assert_close(init_means_from_labeled(model, x, labels, min_separation=None, z=z), means)
+    assert init_std_from_labeled(model, x, labels, z=z) == pytest.approx(sigma, rel=1e-6)
+    with pytest.raises(ValueError, match="z must be the"):
+        init_means_from_labeled(model, x, labels, z=z[:-1])
 
 
 def test_fit_rejects_bad_input():
