@@ -412,12 +412,15 @@ class SemiSupervisedLoader:
     x2: a second, independent augmentation of the same rows (the consistency target of FlowGMM-cons).
     steps_per_epoch = len(labeled) // (labeled rows per global batch): one pass over the labeled data.
     num_workers > 0 prepares that many upcoming batches in background threads (same batches, same order).
+    crop_padding: the zero padding of the random crop (the original's 4; 0 = no shift).
     """
 
     def __init__(self, data: ImageData, labeled_idx, batch_size: int, *, seed: int = 0, device="cpu",
                  rank: int = 0, world_size: int = 1, supervised_only: bool = False, augment_data: bool = True,
-                 num_workers: int = 0):
+                 num_workers: int = 0, crop_padding: int = 4):
         spec = _spec(data.dataset)
+        if not isinstance(crop_padding, int) or crop_padding < 0:
+            raise ValueError(f"crop_padding must be an int >= 0, got {crop_padding!r}")
         labeled_idx = torch.as_tensor(np.asarray(labeled_idx), dtype=torch.long)
         if batch_size < 2 or batch_size % (2 * world_size):
             raise ValueError(f"batch_size must be a positive multiple of 2 x world size ({2 * world_size}), "
@@ -446,6 +449,7 @@ class SemiSupervisedLoader:
         self.seed, self.rank, self.world_size = int(seed), rank, world_size
         self.flip = spec.flip
         self.augment_data = augment_data
+        self.crop_padding = crop_padding
         self.num_workers = num_workers
 
     def _perm(self, n: int, *key: int) -> torch.Tensor:
@@ -477,10 +481,10 @@ class SemiSupervisedLoader:
             idx = torch.cat([lab, unl])
         g = torch.Generator(device=self.device).manual_seed(_seed(self.seed, 2, step))
         imgs = self.images[idx]
-        x = dequantize(augment(imgs, g, flip=self.flip) if self.augment_data else imgs, g)
+        x = dequantize(augment(imgs, g, self.crop_padding, flip=self.flip) if self.augment_data else imgs, g)
         labels = self.labels[idx].clone()
         labels[self.n_lab_rows:] = -1
-        x2 = dequantize(augment(imgs, g, flip=self.flip) if self.augment_data else imgs, g)
+        x2 = dequantize(augment(imgs, g, self.crop_padding, flip=self.flip) if self.augment_data else imgs, g)
         if self.world_size == 1:
             return x, labels, x2
         # this rank's slice of each half (so every rank's batch is half labeled, half unlabeled too)
