@@ -98,15 +98,22 @@ def parse_args(argv=None):
     p.add_argument("--schedule", default="constant", choices=["constant", "cosine"], help="per-step lr schedule")
     p.add_argument("--no_augment", action="store_true",
                    help="no random crop/flip (x1, x2 then differ only in their dequantisation noise)")
+    p.add_argument("--crop_padding", default=4, type=int, help="zero padding of the random crop (pixels)")
     p.add_argument("--log_freq", default=50, type=int, help="steps between training-loss logs")
     p.add_argument("--eval_batch_size", default=500, type=int)
     p.add_argument("--eval_limit", default=None, type=int, help="evaluate on the first N test images only")
+    p.add_argument("--curve_eval_limit", default=None, type=int,
+                   help="the periodic evaluations (not the final one) use the first N test images only: a cheaper "
+                        "curve")
     p.add_argument("--threads", default=None, type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--warmup_steps", default=0, type=int, help="linear learning-rate warm-up (steps)")
     p.add_argument("--time_limit", default=None, type=float,
                    help="minutes of training wall time for this run (from the start of the script, setup included, "
                         "periodic evaluations excluded): training ends at the first epoch end after which one more "
                         "epoch would pass it; then the final evaluation")
+    p.add_argument("--flow_init", default="random", choices=["random", "identity"],
+                   help="random: the original's initialisation; identity: every coupling starts as the identity "
+                        "(last layer of its s/t network zeroed)")
     p.add_argument("--means_init", default="random", choices=["random", "labeled"],
                    help="random: N(0, means_r^2 I) (the original); labeled: the mean latent of each class's labeled "
                         "images under the initial flow")
@@ -149,7 +156,25 @@ def build_model(args, in_channels: int, dim: int, num_classes: int) -> flowgmm_f
     prior = flowgmm_fast.nn.GaussianMixture(num_classes, dim, means_r=args.means_r, std=args.cov_std,
                                             means_trainable=args.means_trainable, std_trainable=args.covs_trainable,
                                             weights_trainable=args.weights_trainable)
+    if args.flow_init == "identity":
+        identity_init(flow)
     return flowgmm_fast.FlowGMM(flow, prior)
+
+
+@torch.no_grad()
+def identity_init(flow: torch.nn.Module) -> int:
+    """--flow_init identity: zero the last convolution (weight-norm gain and bias) of every coupling's s/t network,
+    so s = t = 0 and the flow starts as its logit layer followed by a fixed rearrangement of the pixels (Glow's
+    zero-initialised last layer; the original initialises it at random). The gains still receive gradients, so
+    training moves every network off zero. Returns the number of couplings changed."""
+    n = 0
+    for m in flow.modules():
+        out = getattr(getattr(m, "st_net", None), "out_conv", None)
+        if isinstance(m, flowgmm_fast.nn.AffineCoupling) and out is not None:
+            out.parametrizations.weight.original0.zero_()
+            out.bias.zero_()
+            n += 1
+    return n
 
 
 @torch.no_grad()
@@ -170,20 +195,28 @@ def calibrate_batch_norm(flow: torch.nn.Module, x: torch.Tensor, batch_size: int
     flow.train(was_training)
 
 
+CALIBRATION_IMAGES = 256  # labeled images whose batch statistics set the flow's batch norms before the prior's init
+
+
 @torch.no_grad()
 def init_prior_from_labeled(model: flowgmm_fast.FlowGMM, images: torch.Tensor, labels: torch.Tensor, args) -> str:
     """--means_init labeled (and --std_init labeled): each class's mean and the pooled within-class std of the
     latents of its labeled images (dequantised, not augmented) under the initial flow, whose batch-norm statistics
-    are first set from the same images; the tabular path's flowgmm_fast.semisup initialisation. Not in the original,
-    whose means are random: the prior then starts as the nearest-class-mean classifier the labels imply in the
-    initial latent space, rather than asking the flow to carry every class to an arbitrary point. Returns a log line."""
+    are first set from the first CALIBRATION_IMAGES of them; the tabular path's flowgmm_fast.semisup initialisation.
+    Not in the original, whose means are random: the prior then starts as the nearest-class-mean classifier the
+    labels imply in the initial latent space, rather than asking the flow to carry every class to an arbitrary
+    point. Returns a log line."""
+    was_training = model.training
     x = dequantize(images, torch.Generator(device=images.device).manual_seed(args.seed))
-    calibrate_batch_norm(model.flow, x, args.eval_batch_size)
-    means = init_means_from_labeled(model, x, labels, min_separation=None)
+    calibrate_batch_norm(model.flow, x[:CALIBRATION_IMAGES], args.eval_batch_size)
+    model.eval()
+    z = torch.cat([model.encode(chunk)[0] for chunk in x.split(args.eval_batch_size)])  # once, for both
+    means = init_means_from_labeled(model, x, labels, min_separation=None, z=z)
     line = "prior from the labeled points: means"
     if args.std_init == "labeled":
-        sigma = init_std_from_labeled(model, x, labels)
+        sigma = init_std_from_labeled(model, x, labels, z=z)
         line += ", std" + ("" if sigma is None else f" {sigma:.3f}")
+    model.train(was_training)
     dist = torch.cdist(means, means).fill_diagonal_(float("inf"))
     return line + f" (closest two {float(dist.min()):.2f} apart)"
 
@@ -224,10 +257,13 @@ def main(argv=None):
     test = load_image_dataset(args.dataset, args.data_path, train=False)
     if args.eval_limit is not None:
         test = ImageData(test.images[:args.eval_limit], test.labels[:args.eval_limit], test.dataset)
+    curve_test = test
+    if args.curve_eval_limit is not None:
+        curve_test = ImageData(test.images[:args.curve_eval_limit], test.labels[:args.curve_eval_limit], test.dataset)
     labeled = load_label_split(args.label_path, train)
     loader = SemiSupervisedLoader(train, labeled, args.batch_size, seed=args.seed, device=info.device,
                                   rank=info.rank, world_size=info.world_size, num_workers=args.num_workers,
-                                  augment_data=not args.no_augment)
+                                  augment_data=not args.no_augment, crop_padding=args.crop_padding)
     spe = loader.steps_per_epoch
     max_steps = args.num_epochs * spe if args.max_steps is None else args.max_steps
 
@@ -284,15 +320,19 @@ def main(argv=None):
 
     start_step = trainer.step
     eval_time = [0.0]
+    stopping = [False]  # set by --time_limit: the coming evaluation is the final one
 
     def timed_evaluate(tr):
         """evaluate(), plus the wall time since the script started without (train_s) and with (wall_s) the
         evaluations (setup, i.e. data loading and the prior's initialisation, is in both)."""
         t0 = time.perf_counter()
         train_s = t0 - start - eval_time[0]
-        metrics = evaluate(net, test, args, info, autocast_dtype)
+        final = tr.step == tr.max_steps or stopping[0]
+        data = test if final or args.curve_eval_limit is None else curve_test
+        metrics = evaluate(net, data, args, info, autocast_dtype)
         eval_time[0] += time.perf_counter() - t0
-        return {**metrics, "train_s": round(train_s, 1), "wall_s": round(time.perf_counter() - start, 1)}
+        return {**metrics, "test_n": float(len(data)), "train_s": round(train_s, 1),
+                "wall_s": round(time.perf_counter() - start, 1)}
 
     epoch_started = [time.perf_counter(), 0.0]  # when the current epoch began, the evaluation time then
 
@@ -308,6 +348,7 @@ def main(argv=None):
         if info.distributed:
             torch.distributed.broadcast(stop, 0)
         if bool(stop):
+            stopping[0] = True
             tr.request_stop()
 
     try:

@@ -115,7 +115,28 @@ def test_idx_dataset_by_name_prepare_then_train_with_the_preset(tmp_path, script
     # --time_limit: a limit any epoch passes ends the run at the first epoch end (5 steps), not at --max_steps
     script.main(["--dataset", "fashion_mnist", f"--data_path={images}", f"--label_path={split}",
                  f"--logdir={tmp_path / 'tb2'}", f"--ckptdir={tmp_path / 'ck2'}", "--mid_channels=4", "--num_blocks=1",
-                 "--batch_size=8", "--max_steps=12", "--time_limit=1e-6", "--backend=torch", "--log_freq=1",
+                 "--batch_size=8", "--max_steps=12", "--time_limit=1e-6", "--curve_eval_limit=4", "--backend=torch",
+                 "--log_freq=1",
                  "--eval_batch_size=8"])
     final = json.loads(capsys.readouterr().out.split("final ", 1)[1].splitlines()[0])
-    assert final["steps"] == 5 and final["epoch"] == 1.0
+    assert final["steps"] == 5 and final["epoch"] == 1.0 and final["test_n"] == 20  # the final evaluation: all
+
+
+def test_identity_flow_init_starts_as_the_logit_layer_and_still_learns(script):
+    torch.manual_seed(0)
+    args = script.parse_args(REQUIRED + ["--flow_init", "identity", "--mid_channels", "4", "--num_blocks", "1"])
+    model = script.build_model(args, 1, 64, 3)
+    x = torch.rand(5, 1, 8, 8)
+    z, sldj = model.flow.train()(x)
+    pre, sldj_pre = model.flow.preprocess(x, None)
+    # the couplings are the identity, the squeezes only rearrange: z holds the logit pixels, the log-det is the logit's
+    torch.testing.assert_close(z.flatten(1).sort(1).values, pre.flatten(1).sort(1).values)
+    torch.testing.assert_close(sldj, sldj_pre)
+    sldj.sum().backward()
+    couplings = [m for m in model.flow.modules() if isinstance(m, flowgmm_fast.nn.AffineCoupling)]
+    assert len(couplings) == 10
+    assert all(float(m.st_net.out_conv.parametrizations.weight.original0.grad.abs().sum()) > 0 for m in couplings)
+    # the original's random initialisation is not the identity
+    args = script.parse_args(REQUIRED + ["--mid_channels", "4", "--num_blocks", "1"])
+    z_rand, _ = script.build_model(args, 1, 64, 3).flow.train()(x)
+    assert (z_rand.flatten(1).sort(1).values - pre.flatten(1).sort(1).values).abs().max() > 0.1
