@@ -226,3 +226,25 @@ def test_import_benchmark_writes_a_results_file_the_report_tolerates(tmp_path):
     assert "import" in report.newest_runs(tmp_path)[data["meta"]["device_tag"]]
     with pytest.raises(SystemExit, match="no results files"):
         report.build(tmp_path, None, write_readme=False)
+
+
+def test_bench_cpu_recipe_smoke():
+    """The CPU recipe benchmark on a tiny model: eager fp32 variants start from the same loss; 2 threads recorded."""
+    import flowgmm_fast
+    from benchmarks import bench_cpu_recipe
+
+    if "native" not in flowgmm_fast.available_backends():
+        pytest.skip("the native backend is not built here")
+    threads = torch.get_num_threads()
+    try:
+        out = bench_cpu_recipe.main(["--mid", "4", "--blocks", "1", "--batch", "4", "--variants",
+                                     "torch,native,channels_last", "--more-threads", "2", "--rounds", "1", "--no-write"])
+    finally:
+        torch.set_num_threads(threads)  # main sets --threads (default 1) for the process
+    recs = {r["variant"]: r for r in out["records"]}
+    assert set(recs) == {"torch", "native", "channels_last", "threads=2"}
+    assert all("error" not in r and r["median_ms"] > 0 for r in recs.values())
+    losses = [recs[v]["loss_first"] for v in ("torch", "native", "channels_last", "threads=2")]
+    assert max(losses) - min(losses) <= 1e-3 * abs(losses[0])
+    with pytest.raises(SystemExit, match="unknown"):
+        bench_cpu_recipe.main(["--variants", "fp8", "--no-write"])
