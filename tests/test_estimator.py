@@ -89,7 +89,9 @@ def test_labels_only_and_explicit_sizes():
     clf = FlowGMMClassifier(**FAST, unlabeled_weight=0.0, n_coupling_layers=0).fit(x, _semi(y))
     assert clf.n_coupling_layers_ == 0 and clf.score(x, y) > 0.9
     assert FlowGMMClassifier().architecture(200, 10) == {"num_coupling_layers": 4, "hidden_dim": 16}
-    assert FlowGMMClassifier().architecture(100_000, 10)["hidden_dim"] == 256
+    assert FlowGMMClassifier().architecture(100_000, 10)["hidden_dim"] == 128
+    assert FlowGMMClassifier().architecture(200_000, 10)["hidden_dim"] == 256
+    assert FlowGMMClassifier().architecture(10**7, 10)["hidden_dim"] == 256
     assert FlowGMMClassifier().architecture(500, 1)["num_coupling_layers"] == 0
 
 
