@@ -93,7 +93,7 @@ class FlowGMMClassifier(ClassifierMixin, BaseEstimator):
     max_epochs : int, default=200
         Upper bound on passes over the unlabeled rows (early stopping usually ends sooner).
     max_steps : int or "auto", default="auto"
-        Upper bound on optimizer steps per member ("auto": 3000), so large tables fit in bounded time.
+        Upper bound on optimizer steps per member ("auto": 800), so large tables fit in bounded time.
     learning_rate, weight_decay : float
         AdamW, cosine schedule.
     batch_size : int or "auto", default="auto"
