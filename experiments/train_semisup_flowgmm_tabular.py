@@ -92,6 +92,11 @@ def parse_args(argv=None):
     p.add_argument("--max-steps", type=int, help="stop after this many steps (default: epochs x steps per epoch)")
     p.add_argument("--stop-at", type=int, help="stop with a checkpoint at this step, the schedule unchanged (continue "
                    "later with --resume)")
+    p.add_argument("--invertible-backprop", action="store_true",
+                   help="backprop by inversion: training memory independent of the number of couplings "
+                        "(flowgmm_fast.nn.invertible)")
+    p.add_argument("--invertible-checkpoint-every", type=int, default=None,
+                   help="with --invertible-backprop: also keep every N-th coupling's exact input")
     p.add_argument("--max-grad-norm", type=float, default=100.0)
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--eval-every", type=int, default=None, help="steps between test evaluations (default: end)")
@@ -118,6 +123,8 @@ def parse_args(argv=None):
     for name in ("lr", "epochs"):
         if not getattr(args, name) > 0:
             p.error(f"--{name} must be > 0")
+    if args.invertible_checkpoint_every is not None and args.invertible_checkpoint_every < 1:
+        p.error("--invertible-checkpoint-every must be >= 1")
     if args.batch_size < 1 or args.unlabeled_weight < 0 or args.label_weight < 0:
         p.error("--batch-size must be >= 1 and the loss weights >= 0")
     args.run_dir = args.run_dir or os.path.join("runs", f"tabular_{args.dataset}_s{args.seed}")
@@ -194,6 +201,8 @@ def main(argv=None) -> dict:
     model = build_tabular_flowgmm(data.dim, data.num_classes, num_coupling_layers=args.num_coupling_layers,
                                   hidden_dim=args.hidden_dim, num_layers=args.num_layers, dropout=args.dropout,
                                   seed=args.seed).to(device)
+    model.flow.invertible_backprop = args.invertible_backprop  # plain attributes of the flow (RealNVPTabular)
+    model.flow.checkpoint_every = args.invertible_checkpoint_every
     if args.means_init == "labeled":
         init_means_from_labeled(model, x, labels)
     batches = Batches(x, labels, args.batch_size, args.seed)
