@@ -211,3 +211,30 @@ def test_report_checks_gpu_targets_from_records(tmp_path):
     assert any("not measured" in r[2] for r in report.target_rows(runs["ops"], None, "cuda"))
     result = report.build(tmp_path, None, write_readme=False)
     assert "Fake GPU" in result["report"].read_text() and result["pngs"]["cuda-fake"].exists()
+
+
+def test_invertible_benchmark_smoke(tmp_path):
+    """bench_invertible's parts on tiny models: paired timing and drift in this process, the memory and budget
+    workers in fresh processes (the budget worker limits its own address space), then the tables and the plot."""
+    from benchmarks import bench_invertible as B
+
+    suite = dict(B.SUITES["smoke"])
+    suite["memory"] = suite["memory"][:1]
+    records = B.run(suite, ["time", "drift", "memory", "budget"], CPU, log=lambda s: None)
+    parts = [r["part"] for r in records]
+    assert parts.count("memory") == 2 and parts.count("budget") == 2 and "time" in parts and "drift" in parts
+    for r in records:
+        assert "error" not in r, r
+    mem = [r for r in records if r["part"] == "memory"]
+    assert all(r["peak_mb"] >= 0 and r["param_mb"] > 0 for r in mem)
+    assert mem[0]["loss"] == mem[1]["loss"], "both modes measure one step from the same weights and data"
+    assert all(r["fits"] for r in records if r["part"] == "budget")  # 512 MB is plenty for the tiny model
+    t = next(r for r in records if r["part"] == "time")
+    assert len(t["ratios"]) == t["pairs"] and t["median_ratio"] > 0
+    for r in (r for r in records if r["part"] == "drift"):
+        assert 0 <= r["grad_rel_invertible_none"] < 1e-3 and 0 <= r["rebuilt_rel_max_none"] < 1e-3
+    text = B.summary(records)
+    assert "Peak training-step memory" in text and "median of the per-pair" in text
+    meta = common.run_metadata(CPU)
+    png = B.plot(records, meta, tmp_path / "inv.png")
+    assert png is None or png.exists()
