@@ -51,6 +51,7 @@ from flowgmm_fast import FlowGMM
 from flowgmm_fast.nn import DriftProbe, GaussianMixture, RealNVP, RealNVPTabular
 
 from . import common
+from .report import _md_table
 
 RESULTS_DIR = common.RESULTS_DIR / "invertible"
 MODES = ("standard", "invertible")
@@ -379,66 +380,60 @@ def _mem(records, config, mode, grads):
 
 def summary(records: list[dict]) -> str:
     """Markdown tables of a run's records."""
-    lines = []
-    mem = [r for r in records if r["part"] == "memory"]
+    out = []
+    mem = [r for r in records if r["part"] == "memory" and "peak_mb" in r]
     if mem:
-        lines += ["Peak training-step memory above the memory before the step (MB); gradients `kept`: buffers "
-                  "allocated before the step (activations and workspace only), `none`: allocated in the step "
-                  "(the Trainer's zero_grad(set_to_none=True)); parameters (= gradient size) in MB:", "",
-                  "| config | size | params MB | kept: standard | kept: invertible | ratio | none: standard | "
-                  "none: invertible | ratio |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for config in dict.fromkeys(r["config"] for r in mem):
-            sizes = {}
-            for r in mem:
-                if r["config"] == config and "peak_mb" in r:
-                    key = (r["axis"], r["depth"] if r["axis"] == "couplings" else r["batch"])
-                    sizes.setdefault(key, {})[(r["grads"], r["mode"])] = r["peak_mb"]
-                    sizes[key]["param"] = r["param_mb"]
-            for (axis, size), v in sizes.items():
-                cells = [config, f"{'couplings' if axis == 'couplings' else 'batch'} {size}", f"{v['param']:.1f}"]
-                for grads in ("kept", "none"):
-                    s, i = v.get((grads, "standard")), v.get((grads, "invertible"))
-                    cells += [f"{s:.0f}" if s is not None else "-", f"{i:.0f}" if i is not None else "-",
-                              f"{s / i:.1f}x" if s and i else "-"]
-                lines.append("| " + " | ".join(cells) + " |")
+        cases: dict = {}
+        for r in mem:
+            key = (r["config"], r["axis"], r["depth"] if r["axis"] == "couplings" else r["batch"])
+            cases.setdefault(key, {"param": r["param_mb"]})[(r["grads"], r["mode"])] = r["peak_mb"]
+        rows = []
+        for (config, axis, size), v in cases.items():
+            row = [config, f"{'couplings' if axis == 'couplings' else 'batch'} {size}", f"{v['param']:.1f}"]
+            for grads in ("kept", "none"):
+                std, inv = v.get((grads, "standard")), v.get((grads, "invertible"))
+                row += [f"{std:.0f}" if std is not None else "-", f"{inv:.0f}" if inv is not None else "-",
+                        f"{std / inv:.1f}x" if std and inv else "-"]
+            rows.append(row)
+        out.append("Peak training-step memory above the memory before the step (MB); gradients `kept`: buffers "
+                   "allocated before the step (activations and workspace only), `none`: allocated in the step (the "
+                   "Trainer's zero_grad(set_to_none=True)); params MB = the size of the gradients:\n\n" + _md_table(
+                       ["config", "size", "params MB", "kept: standard", "kept: invertible", "ratio",
+                        "none: standard", "none: invertible", "ratio"], rows))
+        growth = []
         for config in dict.fromkeys(r["config"] for r in mem if r["axis"] == "couplings"):
             for grads in ("kept", "none"):
                 for mode in MODES:
                     m = _mem(records, config, mode, grads)
                     if len(m) >= 2:
                         lo, hi = min(m), max(m)
-                        lines.append(f"- {config}, gradients {grads}, {mode}: {lo} -> {hi} couplings: "
-                                     f"{m[lo]:.0f} -> {m[hi]:.0f} MB ({100 * (m[hi] / m[lo] - 1):+.0f}%)")
-    tim = [r for r in records if r["part"] == "time"]
-    if tim:
-        lines += ["", "Step time, standard and invertible steps interleaved in one process; median of the per-pair "
-                  "ratios:", "", "| config | depth | batch | pairs | standard s | invertible s | ratio (median) | "
-                  "ratios |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for r in tim:
-            lines.append(f"| {r['config']} | {r['depth']} | {r['batch']} | {r['pairs']} | "
-                         f"{r['median_standard_s']:.2f} | {r['median_invertible_s']:.2f} | "
-                         f"{r['median_ratio']:.3f} | {', '.join(f'{x:.2f}' for x in r['ratios'])} |")
-    dr = [r for r in records if r["part"] == "drift"]
-    if dr:
-        lines += ["", "Float32 drift: gradient error in norm against float64 standard autograd (||g - g64|| / "
-                  "||g64||), and the largest relative error of a rebuilt input:", "",
-                  "| config | depth | trained steps | grad: standard | grad: invertible | grad: invertible, "
-                  "checkpoint every 4 | rebuilt input | rebuilt, every 4 |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for r in dr:
-            lines.append(f"| {r['config']} | {r['depth']} | {r['train_steps']} | {r['grad_rel_standard']:.1e} | "
-                         f"{r['grad_rel_invertible_none']:.1e} | {r['grad_rel_invertible_every4']:.1e} | "
-                         f"{r['rebuilt_rel_max_none']:.1e} | {r['rebuilt_rel_max_every4']:.1e} |")
-    bud = [r for r in records if r["part"] == "budget"]
-    if bud:
-        lines += ["", "Fixed memory budget (address-space limit above the process after setup), two training steps:",
-                  "", "| config | batch | budget MB | mode | fits | peak RSS MB | error |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
-        for r in bud:
-            lines.append(f"| {r['config']} (depth {r['depth']}) | {r.get('batch', '-')} | {r.get('budget_mb', '-')} "
-                         f"| {r['mode']} | {r.get('fits', '-')} | {r.get('peak_rss_mb', float('nan')):.0f} | "
-                         f"{r.get('error', '')[:80]} |")
-    return "\n".join(lines) + "\n"
+                        growth.append(f"- {config}, gradients {grads}, {mode}: {lo} -> {hi} couplings: "
+                                      f"{m[lo]:.0f} -> {m[hi]:.0f} MB ({100 * (m[hi] / m[lo] - 1):+.0f}%)")
+        out += ["\n".join(growth)] if growth else []
+    tables = [
+        ("time", "Step time, standard and invertible steps interleaved in one process; median of the per-pair ratios "
+                 "t_invertible / t_standard:",
+         ["config", "depth", "batch", "pairs", "standard s", "invertible s", "ratio (median)", "ratios"],
+         lambda r: [r["config"], r["depth"], r["batch"], r["pairs"], f"{r['median_standard_s']:.2f}",
+                    f"{r['median_invertible_s']:.2f}", f"{r['median_ratio']:.3f}",
+                    ", ".join(f"{x:.2f}" for x in r["ratios"])]),
+        ("drift", "Float32 drift: gradient error in norm against float64 standard autograd (||g - g64|| / ||g64||), "
+                  "and the largest relative error of a rebuilt input:",
+         ["config", "depth", "trained steps", "grad: standard", "grad: invertible",
+          "grad: invertible, checkpoint every 4", "rebuilt input", "rebuilt, every 4"],
+         lambda r: [r["config"], r["depth"], r["train_steps"]] + [f"{r[k]:.1e}" for k in (
+             "grad_rel_standard", "grad_rel_invertible_none", "grad_rel_invertible_every4", "rebuilt_rel_max_none",
+             "rebuilt_rel_max_every4")]),
+        ("budget", "Fixed memory budget (address-space limit above the process after setup), two training steps:",
+         ["config", "batch", "budget MB", "mode", "fits", "peak RSS MB", "error"],
+         lambda r: [f"{r['config']} (depth {r['depth']})", r.get("batch", "-"), r.get("budget_mb", "-"), r["mode"],
+                    r.get("fits", "-"), f"{r.get('peak_rss_mb', float('nan')):.0f}", r.get("error", "")[:80]]),
+    ]
+    for part, title, header, row in tables:
+        recs = [r for r in records if r["part"] == part]
+        if recs:
+            out.append(title + "\n\n" + _md_table(header, [row(r) for r in recs]))
+    return "\n\n".join(out) + "\n"
 
 
 def plot(records: list[dict], meta: dict, path: Path) -> Path | None:
