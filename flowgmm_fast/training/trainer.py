@@ -12,7 +12,10 @@ The script supplies the pieces that differ -- a batch source, a loss function, a
 - evaluation every ``eval_every`` steps with a one-line summary; checkpoints every ``save_every`` steps and at the
   end (atomic, rank 0; :mod:`~flowgmm_fast.training.checkpoint`); exact resume with :meth:`Trainer.resume`;
 - Ctrl-C (SIGINT) finishes the current step, writes a checkpoint and raises ``KeyboardInterrupt`` (a second
-  Ctrl-C stops at once, without a checkpoint).
+  Ctrl-C stops at once, without a checkpoint);
+- an ``on_epoch_end(trainer)`` hook after every epoch (and after the last step), which may call
+  :meth:`Trainer.request_stop` to end the run early and normally (final checkpoint written, no exception): early
+  stopping and EM updates of the mixture weights live there (:func:`flowgmm_fast.semisup.fit_flowgmm`).
 
 Exact resume needs a batch source that is a pure function of the step: ``batches(start_step)`` must yield the
 batches of steps ``start_step + 1, start_step + 2, ...`` (steps are counted from 1) exactly as an uninterrupted run
@@ -77,8 +80,10 @@ class Trainer:
         self.extra_state = extra_state
         self.guard = NonFiniteGuard()
         self.step = 0
+        self.max_steps: int | None = None  # the max_steps of the current (or last) fit
         self.last_metrics: dict[str, float] = {}
         self._stop_requested = False
+        self._finish_requested = False
         self._params = [p for opt in self.optimizers.values() for g in opt.param_groups for p in g["params"]]
         self._device = next(iter(model.parameters())).device
 
@@ -113,7 +118,8 @@ class Trainer:
     # ----------------------------------------------------------------------------------------- one step
     def train_step(self, batch, compute_loss: LossFn) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """One optimisation step on ``batch``; returns (detached loss parts, gradient norm or None). No host sync."""
-        self.model.train()
+        if not self.model.training:  # a recursive module walk: skipped when the model is in training mode already
+            self.model.train()
         autocast = (torch.autocast(self._device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
                     else contextlib.nullcontext())
         with autocast:
@@ -139,6 +145,12 @@ class Trainer:
             raise KeyboardInterrupt
         self._stop_requested = True
 
+    def request_stop(self) -> None:
+        """End :meth:`fit` normally after the current step (from an ``on_epoch_end`` hook or ``evaluate``): the
+        final checkpoint is written and ``fit`` returns. Under torch.distributed every rank must decide alike (e.g.
+        from all-reduced metrics)."""
+        self._finish_requested = True
+
     def _stop_agreed(self) -> bool:
         if not dist_utils.is_distributed():
             return self._stop_requested
@@ -148,14 +160,18 @@ class Trainer:
 
     def fit(self, batches: Callable[[int], Iterable], compute_loss: LossFn, *, max_steps: int,
             log_every: int = 50, eval_every: int | None = None, save_every: int | None = None,
-            evaluate: Callable[["Trainer"], Mapping[str, float]] | None = None) -> dict[str, float]:
+            evaluate: Callable[["Trainer"], Mapping[str, float]] | None = None,
+            on_epoch_end: Callable[["Trainer"], None] | None = None) -> dict[str, float]:
         """Train from ``self.step`` up to ``max_steps``; returns the last evaluation's metrics.
 
         batches(start_step) -> iterable of batches for steps start_step+1, ...; compute_loss(batch, trainer) ->
         (loss, parts) with parts a dict of scalar tensors (same names every step); evaluate(trainer) -> metrics
         (it may switch the model to eval mode; the next step switches it back). eval_every / save_every in steps
-        (None: only at the end). Raises NonFiniteLossError (no checkpoint written after the bad step) or
-        KeyboardInterrupt (after writing a checkpoint when ``ckpt_path`` is set).
+        (None: only at the end). on_epoch_end(trainer) runs every ``steps_per_epoch`` steps and after the last
+        step, before evaluation and saving; it may change the model (e.g. the mixture weights) and call
+        :meth:`request_stop` (the run then ends after this step, as if it were the last). Raises
+        NonFiniteLossError (no checkpoint written after the bad step) or KeyboardInterrupt (after writing a
+        checkpoint when ``ckpt_path`` is set).
         """
         if max_steps < self.step:
             raise ValueError(f"max_steps ({max_steps}) is below the resumed step ({self.step})")
@@ -169,17 +185,22 @@ class Trainer:
         grad_sum = torch.zeros((), device=self._device)
         n_since_log, t_log = 0, time.perf_counter()
         at_step_boundary = False  # a second Ctrl-C mid-step must not checkpoint a half-updated model
+        self._finish_requested = False
+        self.max_steps = max_steps
         try:
             iterator = iter(batches(self.step))
             while self.step < max_steps:
                 batch = next(iterator)
                 parts, grad_norm = self.train_step(batch, compute_loss)
+                if on_epoch_end is not None and (self.step % self.steps_per_epoch == 0 or self.step == max_steps):
+                    self.guard.check()  # never run a hook on a model a non-finite step has updated
+                    on_epoch_end(self)
                 for k, v in parts.items():
                     sums[k] = sums[k] + v.float() if k in sums else v.float().clone()
                 if grad_norm is not None:
                     grad_sum = grad_sum + grad_norm.float()
                 n_since_log += 1
-                last = self.step == max_steps
+                last = self.step == max_steps or self._finish_requested
                 if self.step % self.check_every == 0 or last:
                     self.guard.check()
                 if self.step % log_every == 0 or last:
@@ -205,6 +226,8 @@ class Trainer:
                 if (not dist_utils.is_distributed() or n_since_log == 0) and self._stop_agreed():
                     at_step_boundary = True
                     raise KeyboardInterrupt
+                if self._finish_requested:
+                    break
             if self.ckpt_path is not None:
                 self.save()
         except KeyboardInterrupt:
