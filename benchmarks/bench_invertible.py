@@ -4,7 +4,8 @@ fits a fixed memory budget in one mode only.
 
 Parts (``--parts``, default all of them):
   memory  one FRESH process per (config, mode, size): model and Adam built, Adam's state allocated (zero gradients,
-          one step), a forward/backward at batch 2 (one-time set-up: kernels, thread pools), then one training step (forward, prior NLL, backward, grad-norm clip, Adam). CPU: the peak
+          one step), a forward/backward at batch 2 (one-time set-up: kernels, thread pools), then one training step
+          (forward, prior NLL, backward, grad-norm clip, Adam). CPU: the peak
           resident size during the step above the resident size just before it (Linux VmHWM, reset through
           /proc/self/clear_refs; glibc's mmap threshold pinned at 64 KiB so freed tensors leave the process at
           once). CUDA: torch.cuda.max_memory_allocated above memory_allocated before the step. Two gradient
@@ -22,6 +23,7 @@ Parts (``--parts``, default all of them):
 Configs: ``mnist`` is the paper's MNIST RealNVP (2 scales, mid_channels 64, 8 blocks; 1x28x28; 10 classes) at
 batch 16/32/64; ``tabular`` is RealNVPTabular with the UCI settings of REFERENCE.md (hidden 256, 1 hidden layer,
 dropout 0.5) on 64 features, batch 5000 (the paper's tabular batch), with 4, 8, 16 and 32 couplings.
+``--suite cpu-targets`` measures the issue's targets only (a subset of ``cpu``, for a loaded shared CPU);
 ``--suite smoke`` runs tiny versions of everything in seconds (tests/test_benchmarks.py).
 
 Writes ``benchmarks/results/invertible/invertible_<device>_<date>_<commit>.json``, ``invertible_<device>.png`` and
@@ -306,6 +308,16 @@ SUITES = {
                 + [("mnist-small", MNIST_SMALL, 32, 8, None), ("mnist", MNIST, 64, 3, 2)],
         "drift": [("tabular", tabular(n), 1000, steps) for n in (4, 8, 16, 32, 64) for steps in (0, 100)]
                  + [("mnist", MNIST, 8, 0)],
+        "budget": [("tabular", tabular(32), 5000, 200), ("mnist", MNIST, 64, 1024)],
+    },
+    # the three targets only, for a loaded shared 2-core machine (the whole "cpu" suite takes ~2 h there):
+    # the MNIST model's activation memory ("kept") and paired step time at batch 64, the tabular depth sweep, the
+    # tabular drift per depth (trained steps at one depth only) and both memory budgets
+    "cpu-targets": {
+        "memory": [("mnist", MNIST, "batch", [64], ("kept",))]
+                  + [("tabular", tabular(n), "couplings", [5000], ("kept", "none")) for n in (4, 8, 16, 32)],
+        "time": [("tabular", tabular(n), 5000, 5, None) for n in (4, 32)] + [("mnist", MNIST, 64, 2, 2)],
+        "drift": [("tabular", tabular(n), 1000, 0) for n in (4, 8, 16, 32, 64)] + [("tabular", tabular(32), 1000, 100)],
         "budget": [("tabular", tabular(32), 5000, 200), ("mnist", MNIST, 64, 1024)],
     },
     "smoke": {
