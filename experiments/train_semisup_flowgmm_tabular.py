@@ -182,9 +182,8 @@ def main(argv=None) -> dict:
 
     model = build_tabular_flowgmm(data.dim, data.num_classes, num_coupling_layers=args.num_coupling_layers,
                                   hidden_dim=args.hidden_dim, num_layers=args.num_layers, dropout=args.dropout,
-                                  seed=args.seed).to(device)
-    model.flow.invertible_backprop = args.invertible_backprop  # plain attributes of the flow (RealNVPTabular)
-    model.flow.checkpoint_every = args.invertible_checkpoint_every
+                                  seed=args.seed, invertible_backprop=args.invertible_backprop,
+                                  checkpoint_every=args.invertible_checkpoint_every).to(device)
     if args.means_init == "labeled":
         init_means_from_labeled(model, x, labels)
     # AdamW decays every trainable weight here (the original tabular trainer), not only the weight-norm gains
