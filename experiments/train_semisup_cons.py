@@ -81,7 +81,8 @@ def parse_args(argv=None):
     p.add_argument("--num_blocks", default=8, type=int)
     p.add_argument("--invertible_backprop", action="store_true",
                    help="backprop by inversion: the flow keeps no activations, the backward pass rebuilds them "
-                        "(flowgmm_fast.nn.invertible); about 4x less training memory at batch 64, ~1.3x the compute")
+                        "(flowgmm_fast.nn.invertible); training memory independent of the depth, each coupling's "
+                        "s/t network run twice (README: measured figures)")
     p.add_argument("--invertible_checkpoint_every", default=None, type=int,
                    help="with --invertible_backprop: also keep every N-th coupling's exact input (bounds the drift "
                         "of the rebuilt inputs)")
