@@ -347,8 +347,23 @@ def _keep_inputs(steps: list[Step], checkpoint_every: int | None) -> list[bool]:
     return keep
 
 
-@torch.compiler.disable(reason=COMPILE_NOTE)
 def _run(steps: list[Step], x: torch.Tensor, sldj: torch.Tensor | None, checkpoint_every: int | None):
+    """The chain behind ``torch.compiler.disable``, the wrapper made on first use: the decorator imports torch._dynamo
+    (~1.5 s), which ``import flowgmm_fast`` must not do (tests/test_benchmarks.py checks the import)."""
+    global _run_disabled
+    if _run_disabled is None:
+        _run_disabled = torch.compiler.disable(_run_eager, reason=COMPILE_NOTE)
+    return _run_disabled(steps, x, sldj, checkpoint_every)
+
+
+# What torch.compiler.disable marks on a function, set by hand: dynamo refuses to inline _run and gives the reason
+# (a graph break; ``fullgraph=True`` raises with COMPILE_NOTE), also before the wrapper above exists.
+_run._torchdynamo_disable = True
+_run._torchdynamo_disable_msg = COMPILE_NOTE
+_run_disabled = None
+
+
+def _run_eager(steps: list[Step], x: torch.Tensor, sldj: torch.Tensor | None, checkpoint_every: int | None):
     sldj = zero_sldj(x, sldj)
     params = [[] if s.module is None else [p for p in s.module.parameters() if p.requires_grad] for s in steps]
     tape = _Tape(steps, params, _keep_inputs(steps, checkpoint_every), x.device, DriftProbe._active())
