@@ -97,6 +97,11 @@ def parse_args(argv=None):
                    help="unlabeled rows held out for --patience (default 0.1)")
     p.add_argument("--stop-at", type=int, help="stop with a checkpoint at this step, the schedule unchanged (continue "
                    "later with --resume)")
+    p.add_argument("--invertible-backprop", action="store_true",
+                   help="backprop by inversion: training memory independent of the number of couplings "
+                        "(flowgmm_fast.nn.invertible)")
+    p.add_argument("--invertible-checkpoint-every", type=int, default=None,
+                   help="with --invertible-backprop: also keep every N-th coupling's exact input")
     p.add_argument("--max-grad-norm", type=float, default=100.0)
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--eval-every", type=int, default=None, help="steps between test evaluations (default: end)")
@@ -123,6 +128,8 @@ def parse_args(argv=None):
     for name in ("lr", "epochs"):
         if not getattr(args, name) > 0:
             p.error(f"--{name} must be > 0")
+    if args.invertible_checkpoint_every is not None and args.invertible_checkpoint_every < 1:
+        p.error("--invertible-checkpoint-every must be >= 1")
     if args.batch_size < 1 or args.unlabeled_weight < 0 or args.label_weight < 0:
         p.error("--batch-size must be >= 1 and the loss weights >= 0")
     args.run_dir = args.run_dir or os.path.join("runs", f"tabular_{args.dataset}_s{args.seed}")
@@ -175,7 +182,8 @@ def main(argv=None) -> dict:
 
     model = build_tabular_flowgmm(data.dim, data.num_classes, num_coupling_layers=args.num_coupling_layers,
                                   hidden_dim=args.hidden_dim, num_layers=args.num_layers, dropout=args.dropout,
-                                  seed=args.seed).to(device)
+                                  seed=args.seed, invertible_backprop=args.invertible_backprop,
+                                  checkpoint_every=args.invertible_checkpoint_every).to(device)
     if args.means_init == "labeled":
         init_means_from_labeled(model, x, labels)
     # AdamW decays every trainable weight here (the original tabular trainer), not only the weight-norm gains

@@ -214,3 +214,17 @@ def test_labels_per_class_draws_up_to_n_per_class():
         labels_per_class(y, 0)
     with pytest.raises(ValueError, match="true class labels"):
         labels_per_class(np.array([0, -1, 1]), 1)
+
+
+def test_invertible_backprop_fits_the_same_model():
+    """invertible_backprop=True reaches the flows (RealNVPTabular) and trains the model standard autograd trains, up
+    to float32 rounding (backprop by inversion gives the same gradients; dropout masks are replayed)."""
+    x, y = _blobs(n=200)
+    ys = _semi(y)
+    std = FlowGMMClassifier(**{**FAST, "max_epochs": 5}).fit(x, ys)
+    inv = FlowGMMClassifier(**{**FAST, "max_epochs": 5, "invertible_backprop": True}).fit(x, ys)
+    assert inv.estimators_[0].flow.invertible_backprop and not std.estimators_[0].flow.invertible_backprop
+    assert inv.n_iter_ == std.n_iter_
+    np.testing.assert_allclose(inv.predict_proba(x), std.predict_proba(x), atol=1e-4)
+    with pytest.raises(ValueError, match="invertible_backprop"):
+        FlowGMMClassifier(invertible_backprop="yes").fit(x, ys)
