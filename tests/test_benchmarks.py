@@ -287,3 +287,18 @@ def test_invertible_targets_and_readme_block_from_records(tmp_path):
     text = readme.read_text()
     assert out["readme_updated"] and "stale" not in text and text.startswith("a\n") and text.endswith("\nb\n")
     assert "| ... and step time <= 1.4x standard | 1.50x (1 pair) | no |" in text
+
+
+def test_estimator_fit_benchmark_writes_a_results_file(tmp_path):
+    pytest.importorskip("sklearn")
+    from benchmarks import bench_estimator
+
+    out = bench_estimator.main(["--rows", "300", "--features", "4", "--repeats", "1", "--threads", "1",
+                                "--max-steps", "20", "--out-dir", str(tmp_path)])
+    rec = out["records"][0]
+    assert rec["seconds"] > 0 and rec["cpu_seconds"] > 0 and len(rec["steps_per_member"]) == 5
+    assert out["median_s"] == rec["seconds"] and out["met"] is False  # a capped run never counts for the target
+    saved = json.loads(open(out["path"]).read())
+    assert saved["summary"]["rows"] == 300 and saved["records"][0]["cpu_seconds"] == rec["cpu_seconds"]
+    with pytest.raises(SystemExit, match="--repeats"):
+        bench_estimator.main(["--repeats", "0", "--no-write"])
