@@ -107,3 +107,26 @@ def test_argument_errors(tmp_path):
     with pytest.raises(SystemExit, match="no test set"):
         script.main(["--dataset", "custom", "--features", str(tmp_path / "f.npz"), "--num-labeled", "3",
                      "--run-dir", str(tmp_path / "r"), *COMMON])
+
+
+def test_labels_per_class_on_an_imbalanced_table_and_run_folders_per_table(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    y = np.r_[np.zeros(100, np.int64), np.ones(4, np.int64)]  # class 1 has 4 rows
+    x = rng.normal(size=(104, 3)) + 3.0 * y[:, None]
+    T.save_features(str(tmp_path / "imb.npz"), x, y, x[:20], y[:20])
+    T.save_features(str(tmp_path / "other.npz"), x, y, x[:20], y[:20])
+    script = _script()
+    base = ["--dataset", "custom", "--max-steps", "2", *COMMON]
+    with pytest.raises(SystemExit, match="--labels-per-class"):  # 5 per class cannot be balanced here
+        script.main([*base, "--features", str(tmp_path / "imb.npz"), "--num-labeled", "10",
+                     "--run-dir", str(tmp_path / "r")])
+    r = script.main([*base, "--features", str(tmp_path / "imb.npz"), "--labels-per-class", "5",
+                     "--run-dir", str(tmp_path / "r")])
+    assert r["labels"] == 5 + 4
+    with pytest.raises(SystemExit):
+        script.parse_args([*base, "--features", "f.npz", "--labels-per-class", "0"])
+    monkeypatch.chdir(tmp_path)
+    a = script.parse_args([*base, "--features", str(tmp_path / "imb.npz"), "--labels-per-class", "5"]).run_dir
+    b = script.parse_args([*base, "--features", str(tmp_path / "other.npz"), "--labels-per-class", "5"]).run_dir
+    assert a != b and "imb" in a and "other" in b
+    assert a == script.parse_args([*base, "--features", str(tmp_path / "imb.npz"), "--labels-per-class", "5"]).run_dir
