@@ -195,7 +195,7 @@ def check_targets(rows, tables, label_budgets, methods, data_dir) -> str:
             if f is None:
                 continue
             best_m, best = max(((m, _stats(rows, t, n, m, "accuracy")) for m in others),
-                               key=lambda kv: -1 if kv[1] is None else kv[1][0])
+                               key=lambda kv: -1 if kv[1] is None else kv[1][0], default=("no baseline run", None))
             highest = best is None or f[0] >= best[0]
             within = best is None or f[0] >= best[0] - 0.02
             n_cells, n_highest, n_within = n_cells + 1, n_highest + highest, n_within + within

@@ -5,13 +5,15 @@ decay on the weight-norm gains only, a separate Adam (lr_gmm) for trainable prio
 batches half labeled / half unlabeled, an epoch = one pass over the labeled data, two augmentations per image,
 loss = label_weight * CE(labeled) + NLL(all) + w(epoch) * consistency, w ramping linearly to consistency_weight over
 consistency_rampup epochs. Extra: --backend, --device, --dtype/--amp (bf16 autocast), --seed, --max_steps,
---compile, --distributed (torchrun), model size flags, exact --resume, atomic checkpoints, a NaN guard, --threads,
---warmup_steps, means and std of the prior from the labeled points (--means_init/--std_init labeled), and --preset:
-a named set of defaults (PRESETS; flags given on the command line win). Without --preset every default is the
-original's. Any dataset in MNIST's IDX format works by name (prepare_data.py --dataset <name> --source DIR).
+--compile, --distributed (torchrun), model size flags, --invertible_backprop (activation memory independent of the
+flow's depth), exact --resume, atomic checkpoints, a NaN guard, --threads, --warmup_steps, --time_limit, means and
+std of the prior from the labeled points (--means_init/--std_init labeled), an identity flow init (--flow_init), and
+--preset: a named set of defaults (PRESETS; flags given on the command line win). Without --preset every default is
+the original's. Any dataset in MNIST's IDX format works by name (prepare_data.py --dataset <name> --source DIR).
 
-    --preset mnist-cpu: FlowGMM on a 28x28 grayscale dataset (MNIST-format) with 1000 labels on a 2-core CPU in
-    about an hour (experiments/RESULTS.md: the curve, the ablations and the wall time per epoch of the paper's model)
+    --preset mnist-cpu: FlowGMM on a 28x28 grayscale dataset (MNIST-format) with ~1000 labels on a small CPU, with
+    --time_limit (experiments/RESULTS.md: its curve on MNIST, the probes behind it, the wall time per epoch of the
+    paper's model on a 2-core CPU)
 
     python experiments/prepare_data.py --dataset MNIST --source ../shared/datasets/MNIST/raw
     python experiments/train_semisup_cons.py --dataset=MNIST --data_path=data/images/mnist \\
@@ -97,6 +99,13 @@ def parse_args(argv=None):
     p.add_argument("--num_scales", default=2, type=int)
     p.add_argument("--mid_channels", default=64, type=int)
     p.add_argument("--num_blocks", default=8, type=int)
+    p.add_argument("--invertible_backprop", action="store_true",
+                   help="backprop by inversion: the flow keeps no activations, the backward pass rebuilds them "
+                        "(flowgmm_fast.nn.invertible); training memory independent of the depth, each coupling's "
+                        "s/t network run twice (README: measured figures)")
+    p.add_argument("--invertible_checkpoint_every", default=None, type=int,
+                   help="with --invertible_backprop: also keep every N-th coupling's exact input (bounds the drift "
+                        "of the rebuilt inputs)")
     p.add_argument("--schedule", default="constant", choices=["constant", "cosine"], help="per-step lr schedule")
     p.add_argument("--no_augment", action="store_true",
                    help="no random crop/flip (x1, x2 then differ only in their dequantisation noise)")
@@ -134,6 +143,8 @@ def parse_args(argv=None):
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.max_steps is not None and args.max_steps < 1:
         p.error(f"--max_steps must be >= 1, got {args.max_steps}")
+    if args.invertible_checkpoint_every is not None and args.invertible_checkpoint_every < 1:
+        p.error(f"--invertible_checkpoint_every must be >= 1, got {args.invertible_checkpoint_every}")
     if args.threads is not None and args.threads < 1:
         p.error(f"--threads must be >= 1, got {args.threads}")
     if args.time_limit is not None and not args.time_limit > 0:
@@ -154,7 +165,9 @@ def parse_args(argv=None):
 
 def build_model(args, in_channels: int, dim: int, num_classes: int) -> flowgmm_fast.FlowGMM:
     """RealNVP (dequantisation happens in the data pipeline) + a Gaussian mixture with means ~ N(0, r^2 I)."""
-    flow = flowgmm_fast.nn.RealNVP(in_channels, args.num_scales, args.mid_channels, args.num_blocks, dequantize=False)
+    flow = flowgmm_fast.nn.RealNVP(in_channels, args.num_scales, args.mid_channels, args.num_blocks, dequantize=False,
+                                   invertible_backprop=args.invertible_backprop,
+                                   checkpoint_every=args.invertible_checkpoint_every)
     prior = flowgmm_fast.nn.GaussianMixture(num_classes, dim, means_r=args.means_r, std=args.cov_std,
                                             means_trainable=args.means_trainable, std_trainable=args.covs_trainable,
                                             weights_trainable=args.weights_trainable)
@@ -306,8 +319,11 @@ def main(argv=None):
         logger.write(f"{args.dataset}: {len(train)} train ({len(labeled)} labeled), {len(test)} test | "
                      f"{args.flow} {n_params} parameters | {spe} steps/epoch, steps {trainer.step} -> {max_steps} | "
                      f"device {info.device} x{info.world_size} | backend {args.backend} | dtype {args.dtype}"
+                     + (" | invertible backprop" if args.invertible_backprop else "")
                      + (f" | resumed from {resume}" if resume is not None else "")
                      + (f" | threads {torch.get_num_threads()}" if info.device.type == "cpu" else ""))
+        if args.compile and args.invertible_backprop:
+            logger.write(flowgmm_fast.nn.invertible.COMPILE_NOTE)
         if prior_line is not None and resume is None:
             logger.write(prior_line)
 

@@ -16,7 +16,9 @@ Data (--dataset):
   custom                    --features FILE.npz|FILE.csv (--label-column; a test set from the npz's x_test/y_test
                             or a stratified --test-fraction split)
 Features are standardised with the training mean / std. Labels: --split FILE (labeled indices into the training
-set, .npz with labeled_idx or one index per line) or --num-labeled N balanced over the classes (--seed).
+set, .npz with labeled_idx or one index per line), --num-labeled N balanced over the classes, or --labels-per-class
+N (up to N per class: a small class gives all of its rows), drawn with --seed. A custom table's default run folder is
+named after its features file (runs/tabular_custom-<file stem>-<path hash>_s<seed>), so two tables never share one.
 
 Presets (REFERENCE.md; every value can be overridden by its flag):
   dataset        labels  unlabeled weight  epochs  lr     flow
@@ -39,6 +41,7 @@ space, spread to >= 4 sigma apart) for the sklearn sets and custom data.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -79,6 +82,9 @@ def parse_args(argv=None):
                    help="stratified test split of --features when it has no test set")
     p.add_argument("--split", help="labeled-index file (.npz labeled_idx or one index per line)")
     p.add_argument("--num-labeled", type=int, help="labels balanced over the classes (when no --split)")
+    p.add_argument("--labels-per-class", type=int,
+                   help="up to N labels per class (a class with fewer training rows gives all of them); instead of "
+                        "--num-labeled, e.g. on an imbalanced table")
     p.add_argument("--max-train", type=int, help="keep the first N training rows (quick runs)")
     p.add_argument("--seed", type=int, default=0)
     for name in ("unlabeled_weight", "label_weight", "lr", "weight_decay", "dropout", "epochs"):
@@ -97,6 +103,11 @@ def parse_args(argv=None):
                    help="unlabeled rows held out for --patience (default 0.1)")
     p.add_argument("--stop-at", type=int, help="stop with a checkpoint at this step, the schedule unchanged (continue "
                    "later with --resume)")
+    p.add_argument("--invertible-backprop", action="store_true",
+                   help="backprop by inversion: training memory independent of the number of couplings "
+                        "(flowgmm_fast.nn.invertible)")
+    p.add_argument("--invertible-checkpoint-every", type=int, default=None,
+                   help="with --invertible-backprop: also keep every N-th coupling's exact input")
     p.add_argument("--max-grad-norm", type=float, default=100.0)
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--eval-every", type=int, default=None, help="steps between test evaluations (default: end)")
@@ -118,14 +129,26 @@ def parse_args(argv=None):
         p.error(f"--dataset {args.dataset} needs --data-root with the UCI files")
     if args.dataset in ("ag_news", "yahoo_answers") and args.features is None and args.data_root is None:
         p.error(f"--dataset {args.dataset} needs --features (embeddings .npz) or --data-root (train.csv, test.csv)")
-    if args.split is None and args.num_labeled is None:
-        p.error("give --split FILE or --num-labeled N")
+    if args.split is not None and args.labels_per_class is not None:
+        p.error("give either --split FILE or --labels-per-class N, not both")
+    if args.labels_per_class is not None and args.labels_per_class < 1:
+        p.error(f"--labels-per-class must be >= 1, got {args.labels_per_class}")
+    if args.split is None and args.num_labeled is None and args.labels_per_class is None:
+        p.error("give --split FILE, --num-labeled N or --labels-per-class N")
     for name in ("lr", "epochs"):
         if not getattr(args, name) > 0:
             p.error(f"--{name} must be > 0")
+    if args.invertible_checkpoint_every is not None and args.invertible_checkpoint_every < 1:
+        p.error("--invertible-checkpoint-every must be >= 1")
     if args.batch_size < 1 or args.unlabeled_weight < 0 or args.label_weight < 0:
         p.error("--batch-size must be >= 1 and the loss weights >= 0")
-    args.run_dir = args.run_dir or os.path.join("runs", f"tabular_{args.dataset}_s{args.seed}")
+    if args.run_dir is None:  # custom data: the features file names the run, so two tables never share a folder
+        name = args.dataset
+        if args.features is not None:
+            path = os.path.abspath(args.features)
+            stem = os.path.splitext(os.path.basename(path))[0]
+            name += f"-{stem}-{hashlib.sha256(path.encode()).hexdigest()[:8]}"
+        args.run_dir = os.path.join("runs", f"tabular_{name}_s{args.seed}")
     return args
 
 
@@ -165,8 +188,14 @@ def main(argv=None) -> dict:
                              data.name, data.scaler)
     if args.split is not None:
         labeled_idx = T.load_split(args.split, num_train=data.x_train.shape[0])
+    elif args.labels_per_class is not None:
+        labeled_idx = T.labels_per_class(data.y_train, args.labels_per_class, seed=args.seed)
     else:
-        labeled_idx = T.balanced_labeled_indices(data.y_train, args.num_labeled, seed=args.seed)
+        try:
+            labeled_idx = T.balanced_labeled_indices(data.y_train, args.num_labeled, seed=args.seed)
+        except ValueError as exc:
+            raise SystemExit(f"--num-labeled {args.num_labeled}: {exc} (--labels-per-class N takes up to N per "
+                             "class instead)") from None
     labels_np = T.semisup_labels(data.y_train, labeled_idx)
     device = torch.device(args.device)
     x = torch.from_numpy(data.x_train).to(device)
@@ -175,7 +204,8 @@ def main(argv=None) -> dict:
 
     model = build_tabular_flowgmm(data.dim, data.num_classes, num_coupling_layers=args.num_coupling_layers,
                                   hidden_dim=args.hidden_dim, num_layers=args.num_layers, dropout=args.dropout,
-                                  seed=args.seed).to(device)
+                                  seed=args.seed, invertible_backprop=args.invertible_backprop,
+                                  checkpoint_every=args.invertible_checkpoint_every).to(device)
     if args.means_init == "labeled":
         init_means_from_labeled(model, x, labels)
     # AdamW decays every trainable weight here (the original tabular trainer), not only the weight-norm gains

@@ -93,7 +93,7 @@ class FlowGMMClassifier(ClassifierMixin, BaseEstimator):
     max_epochs : int, default=200
         Upper bound on passes over the unlabeled rows (early stopping usually ends sooner).
     max_steps : int or "auto", default="auto"
-        Upper bound on optimizer steps per member ("auto": 3000), so large tables fit in bounded time.
+        Upper bound on optimizer steps per member ("auto": 800), so large tables fit in bounded time.
     learning_rate, weight_decay : float
         AdamW, cosine schedule.
     batch_size : int or "auto", default="auto"
@@ -122,6 +122,10 @@ class FlowGMMClassifier(ClassifierMixin, BaseEstimator):
         Dequantise tied (discrete) values during training (see the module docstring).
     n_quantiles : int, default=1000
         Reference quantiles per column of the preprocessing.
+    invertible_backprop : bool, default=False
+        Train the flows with backprop by inversion (:mod:`flowgmm_fast.nn.invertible`): the same gradients, training
+        memory that does not grow with the number of coupling layers, at the cost of recomputing each coupling's
+        s/t MLP in the backward pass. Worth it only for deep flows on large batches.
     device : str, default="cpu"
         "cpu", "cuda", "cuda:1", or "auto" (CUDA when available).
     random_state : int, RandomState or None
@@ -157,6 +161,7 @@ class FlowGMMClassifier(ClassifierMixin, BaseEstimator):
         "patience": [Interval(numbers.Integral, 1, None, closed="left")],
         "dequantize": ["boolean"],
         "n_quantiles": [Interval(numbers.Integral, 2, None, closed="left")],
+        "invertible_backprop": ["boolean"],
         "device": [str],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
@@ -167,7 +172,8 @@ class FlowGMMClassifier(ClassifierMixin, BaseEstimator):
                  batch_size="auto", objective: str = "generative", ce_weight: float = 1.0,
                  label_weight: float = 1.0, unlabeled_weight: float = 1.0, class_prior="learn",
                  validation_fraction: float = 0.1, patience: int = 20, dequantize: bool = True,
-                 n_quantiles: int = 1000, device: str = "cpu", random_state=None, verbose=False):
+                 n_quantiles: int = 1000, invertible_backprop: bool = False, device: str = "cpu",
+                 random_state=None, verbose=False):
         self.n_estimators = n_estimators
         self.n_coupling_layers = n_coupling_layers
         self.hidden_dim = hidden_dim
@@ -186,6 +192,7 @@ class FlowGMMClassifier(ClassifierMixin, BaseEstimator):
         self.patience = patience
         self.dequantize = dequantize
         self.n_quantiles = n_quantiles
+        self.invertible_backprop = invertible_backprop
         self.device = device
         self.random_state = random_state
         self.verbose = verbose
@@ -263,7 +270,8 @@ class FlowGMMClassifier(ClassifierMixin, BaseEstimator):
         for m in range(self.n_estimators):
             seed = (base_seed + 7919 * m) % (2**31 - 1)
             model = build_tabular_flowgmm(dim, classes.size, seed=seed, dropout=self.dropout,
-                                          identity_init=True, means_trainable=True, **arch).to(device)
+                                          identity_init=True, means_trainable=True,
+                                          invertible_backprop=self.invertible_backprop, **arch).to(device)
             init_means_from_labeled(model, z_mid, labels, min_separation=None)
             init_std_from_labeled(model, z_mid, labels)
             if fixed_prior is not None:

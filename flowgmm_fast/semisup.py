@@ -48,14 +48,16 @@ EM_ROWS = 4096  # unlabeled rows read by each EM step of the mixture weights (a 
 
 def build_tabular_flowgmm(dim: int, num_classes: int, *, num_coupling_layers: int = 10, hidden_dim: int = 256,
                           num_layers: int = 1, dropout: float = 0.5, seed: int = 0, identity_init: bool = False,
-                          means_trainable: bool = False) -> FlowGMM:
+                          means_trainable: bool = False, invertible_backprop: bool = False,
+                          checkpoint_every: int | None = None) -> FlowGMM:
     """RealNVPTabular(dim) + GaussianMixture with the tabular means init of REFERENCE.md (2 classes: mu_1 = -mu_0,
     |mu_0| = 3.75; more: N(0, 0.56^2 I)) and sigma = softplus(1); weights seeded with ``seed``.
 
     ``num_coupling_layers=0``: no coupling (the flow is the identity; the model is a Gaussian mixture on x, and
     ``dim`` may be 1). ``identity_init``: the last layer of every s/t net starts at zero, so the flow starts as the
     identity and moves away from it only as far as training takes it. ``means_trainable``: the component means are
-    optimised with the flow.
+    optimised with the flow. ``invertible_backprop`` / ``checkpoint_every``: backprop by inversion in the
+    RealNVPTabular flow (:mod:`flowgmm_fast.nn.invertible`: training memory independent of the number of couplings).
     """
     if not isinstance(num_coupling_layers, int) or num_coupling_layers < 0:
         raise ValueError(f"num_coupling_layers must be an int >= 0, got {num_coupling_layers!r}")
@@ -66,7 +68,8 @@ def build_tabular_flowgmm(dim: int, num_classes: int, *, num_coupling_layers: in
             flow = FlowSequential()
             flow.event_shape = (dim,)
         else:
-            flow = RealNVPTabular(dim, num_coupling_layers, hidden_dim, num_layers, dropout)
+            flow = RealNVPTabular(dim, num_coupling_layers, hidden_dim, num_layers, dropout,
+                                  invertible_backprop=invertible_backprop, checkpoint_every=checkpoint_every)
             if identity_init:
                 for layer in flow.layers:
                     last = layer.st_net.net[-1]

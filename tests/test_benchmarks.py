@@ -228,6 +228,82 @@ def test_import_benchmark_writes_a_results_file_the_report_tolerates(tmp_path):
         report.build(tmp_path, None, write_readme=False)
 
 
+def test_invertible_benchmark_smoke(tmp_path):
+    """bench_invertible's parts on tiny models: paired timing and drift in this process, the memory and budget
+    workers in fresh processes (the budget worker limits its own address space), then the tables and the plot."""
+    from benchmarks import bench_invertible as B
+
+    suite = dict(B.SUITES["smoke"])
+    suite["memory"] = suite["memory"][:1]
+    records = B.run(suite, ["time", "drift", "memory", "budget"], CPU, log=lambda s: None)
+    parts = [r["part"] for r in records]
+    assert parts.count("memory") == 2 and parts.count("budget") == 2 and "time" in parts and "drift" in parts
+    for r in records:
+        assert "error" not in r, r
+    mem = [r for r in records if r["part"] == "memory"]
+    assert all(r["peak_mb"] >= 0 and r["param_mb"] > 0 for r in mem)
+    assert mem[0]["loss"] == mem[1]["loss"], "both modes measure one step from the same weights and data"
+    assert all(r["fits"] for r in records if r["part"] == "budget")  # 512 MB is plenty for the tiny model
+    t = next(r for r in records if r["part"] == "time")
+    assert len(t["ratios"]) == t["pairs"] and t["median_ratio"] > 0
+    for r in (r for r in records if r["part"] == "drift"):
+        assert 0 <= r["grad_rel_invertible_none"] < 1e-3 and 0 <= r["rebuilt_rel_max_none"] < 1e-3
+    text = B.summary(records)
+    assert "Peak training-step memory" in text and "median of the per-pair" in text
+    meta = common.run_metadata(CPU)
+    png = B.plot(records, meta, tmp_path / "inv.png")
+    assert png is None or png.exists()
+
+
+def test_invertible_targets_and_readme_block_from_records(tmp_path):
+    """The target rows and the README block are computed from the records (made up here), misses included."""
+    from benchmarks import bench_invertible as B
+
+    def mem(config, axis, size, mode, grads, mb):
+        return {"part": "memory", "config": config, "axis": axis, "mode": mode, "grads": grads, "param_mb": 1.0,
+                "batch": size if axis == "batch" else 5000, "depth": size if axis == "couplings" else 10,
+                "peak_mb": mb}
+
+    records = [mem("mnist", "batch", 64, "standard", "kept", 900.0),
+               mem("mnist", "batch", 64, "invertible", "kept", 200.0),
+               {"part": "time", "config": "mnist", "batch": 64, "depth": 10, "pairs": 1, "ratios": [1.5],
+                "median_ratio": 1.5, "median_standard_s": 2.0, "median_invertible_s": 3.0}]
+    for n, std, inv in ((4, 100.0, 50.0), (32, 400.0, 55.0)):
+        records += [mem("tabular", "couplings", n, "standard", "kept", std),
+                    mem("tabular", "couplings", n, "invertible", "kept", inv)]
+    records += [{"part": "budget", "config": "tabular", "depth": 32, "mode": m, "batch": 5000, "budget_mb": 200,
+                 "fits": m == "invertible", "peak_rss_mb": 1.0} for m in B.MODES]
+    rows = {r[0]: r[1:] for r in B.targets(records)}
+    assert list(rows.values())[0] == ["4.5x (900 -> 200 MB)", "yes"]
+    assert rows["... and step time <= 1.4x standard"] == ["1.50x (1 pair)", "no"]
+    kept, none = (rows[f"RealNVPTabular 4 -> 32 couplings (gradients {g}): invertible grows < 15%, standard grows"]
+                  for g in ("kept", "none"))
+    assert kept[1] == "yes" and "(+10%)" in kept[0] and "(+300%)" in kept[0] and none == ["-", "not measured"]
+    assert list(rows.values())[-1][1] == "yes"
+    meta = {"device": "Fake CPU", "torch": "x", "git_commit": "0123456789", "date_utc": "now", "device_tag": "cpu-1t"}
+    readme = tmp_path / "README.md"
+    readme.write_text(f"a\n{B.README_START}\nstale\n{B.README_END}\nb\n")
+    out = B.write_outputs(records, meta, tmp_path / "res" / "invertible_x.json", readme)
+    text = readme.read_text()
+    assert out["readme_updated"] and "stale" not in text and text.startswith("a\n") and text.endswith("\nb\n")
+    assert "| ... and step time <= 1.4x standard | 1.50x (1 pair) | no |" in text
+
+
+def test_estimator_fit_benchmark_writes_a_results_file(tmp_path):
+    pytest.importorskip("sklearn")
+    from benchmarks import bench_estimator
+
+    out = bench_estimator.main(["--rows", "300", "--features", "4", "--repeats", "1", "--threads", "1",
+                                "--max-steps", "20", "--out-dir", str(tmp_path)])
+    rec = out["records"][0]
+    assert rec["seconds"] > 0 and rec["cpu_seconds"] > 0 and len(rec["steps_per_member"]) == 5
+    assert out["median_s"] == rec["seconds"] and out["met"] is False  # a capped run never counts for the target
+    saved = json.loads(open(out["path"]).read())
+    assert saved["summary"]["rows"] == 300 and saved["records"][0]["cpu_seconds"] == rec["cpu_seconds"]
+    with pytest.raises(SystemExit, match="--repeats"):
+        bench_estimator.main(["--repeats", "0", "--no-write"])
+
+
 def test_bench_cpu_recipe_smoke():
     """The CPU recipe benchmark on a tiny model: eager fp32 variants start from the same loss; 2 threads recorded."""
     import flowgmm_fast

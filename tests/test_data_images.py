@@ -259,7 +259,8 @@ def test_augment_and_dequantize():
 
 
 def test_prepare_data_cli_and_training_script_resume(tmp_path):
-    """prepare_data on synthetic SVHN, then 2 steps of train_semisup_cons.py and a resumed 3rd step."""
+    """prepare_data on synthetic SVHN, then 2 steps of train_semisup_cons.py and a resumed 3rd step (with
+    --invertible_backprop)."""
     write_svhn(tmp_path / "src", n_train=60, n_test=10)
     env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
     subprocess.run([sys.executable, str(REPO / "experiments" / "prepare_data.py"), "--dataset", "SVHN", "--source",
@@ -274,6 +275,9 @@ def test_prepare_data_cli_and_training_script_resume(tmp_path):
     r = subprocess.run(common + ["--max_steps=2"], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "test_acc" in r.stdout and '"steps": 2' in r.stdout
-    r = subprocess.run(common + ["--max_steps=3", "--resume=auto"], env=env, capture_output=True, text=True)
+    # the memory mode is not part of the model: a run may continue with backprop by inversion
+    r = subprocess.run(common + ["--max_steps=3", "--resume=auto", "--invertible_backprop"], env=env,
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resumed from" in r.stdout and '"steps": 3, "steps_this_run": 1' in r.stdout
+    assert "invertible backprop" in r.stdout

@@ -89,7 +89,9 @@ def test_labels_only_and_explicit_sizes():
     clf = FlowGMMClassifier(**FAST, unlabeled_weight=0.0, n_coupling_layers=0).fit(x, _semi(y))
     assert clf.n_coupling_layers_ == 0 and clf.score(x, y) > 0.9
     assert FlowGMMClassifier().architecture(200, 10) == {"num_coupling_layers": 4, "hidden_dim": 16}
-    assert FlowGMMClassifier().architecture(100_000, 10)["hidden_dim"] == 256
+    assert FlowGMMClassifier().architecture(100_000, 10)["hidden_dim"] == 128
+    assert FlowGMMClassifier().architecture(200_000, 10)["hidden_dim"] == 256
+    assert FlowGMMClassifier().architecture(10**7, 10)["hidden_dim"] == 256
     assert FlowGMMClassifier().architecture(500, 1)["num_coupling_layers"] == 0
 
 
@@ -212,3 +214,17 @@ def test_labels_per_class_draws_up_to_n_per_class():
         labels_per_class(y, 0)
     with pytest.raises(ValueError, match="true class labels"):
         labels_per_class(np.array([0, -1, 1]), 1)
+
+
+def test_invertible_backprop_fits_the_same_model():
+    """invertible_backprop=True reaches the flows (RealNVPTabular) and trains the model standard autograd trains, up
+    to float32 rounding (backprop by inversion gives the same gradients; dropout masks are replayed)."""
+    x, y = _blobs(n=200)
+    ys = _semi(y)
+    std = FlowGMMClassifier(**{**FAST, "max_epochs": 5}).fit(x, ys)
+    inv = FlowGMMClassifier(**{**FAST, "max_epochs": 5, "invertible_backprop": True}).fit(x, ys)
+    assert inv.estimators_[0].flow.invertible_backprop and not std.estimators_[0].flow.invertible_backprop
+    assert inv.n_iter_ == std.n_iter_
+    np.testing.assert_allclose(inv.predict_proba(x), std.predict_proba(x), atol=1e-4)
+    with pytest.raises(ValueError, match="invertible_backprop"):
+        FlowGMMClassifier(invertible_backprop="yes").fit(x, ys)

@@ -42,6 +42,22 @@ def test_custom_npz_with_split_trains_and_writes_metrics(tmp_path):
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(run))
 
 
+def test_invertible_backprop_flag_trains_the_same_model(tmp_path):
+    x, y = _blobs(120, 3)
+    T.save_features(str(tmp_path / "f.npz"), x, y, x[:30], y[:30])
+    args = ["--dataset", "custom", "--features", str(tmp_path / "f.npz"), "--num-labeled", "6", "--epochs", "2",
+            "--dropout", "0.5", *COMMON]
+    script = _script()
+    std = script.main([*args, "--run-dir", str(tmp_path / "std")])
+    inv = script.main([*args, "--run-dir", str(tmp_path / "inv"), "--invertible-backprop",
+                       "--invertible-checkpoint-every", "2"])
+    assert inv["steps"] == std["steps"] == 6
+    # the same function (not bitwise the same weights: some gradients are 0 in exact arithmetic, e.g. the
+    # weight-norm direction of a per-channel scale, and AdamW turns their rounding noise into full steps)
+    assert inv["test_nll"] == pytest.approx(std["test_nll"], rel=1e-4)
+    assert inv["test_accuracy"] == std["test_accuracy"]
+
+
 def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     x, y = _blobs(120, 2)
     T.save_features(str(tmp_path / "f.npz"), x, y, x[:30], y[:30])
@@ -91,3 +107,26 @@ def test_argument_errors(tmp_path):
     with pytest.raises(SystemExit, match="no test set"):
         script.main(["--dataset", "custom", "--features", str(tmp_path / "f.npz"), "--num-labeled", "3",
                      "--run-dir", str(tmp_path / "r"), *COMMON])
+
+
+def test_labels_per_class_on_an_imbalanced_table_and_run_folders_per_table(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    y = np.r_[np.zeros(100, np.int64), np.ones(4, np.int64)]  # class 1 has 4 rows
+    x = rng.normal(size=(104, 3)) + 3.0 * y[:, None]
+    T.save_features(str(tmp_path / "imb.npz"), x, y, x[:20], y[:20])
+    T.save_features(str(tmp_path / "other.npz"), x, y, x[:20], y[:20])
+    script = _script()
+    base = ["--dataset", "custom", "--max-steps", "2", *COMMON]
+    with pytest.raises(SystemExit, match="--labels-per-class"):  # 5 per class cannot be balanced here
+        script.main([*base, "--features", str(tmp_path / "imb.npz"), "--num-labeled", "10",
+                     "--run-dir", str(tmp_path / "r")])
+    r = script.main([*base, "--features", str(tmp_path / "imb.npz"), "--labels-per-class", "5",
+                     "--run-dir", str(tmp_path / "r")])
+    assert r["labels"] == 5 + 4
+    with pytest.raises(SystemExit):
+        script.parse_args([*base, "--features", "f.npz", "--labels-per-class", "0"])
+    monkeypatch.chdir(tmp_path)
+    a = script.parse_args([*base, "--features", str(tmp_path / "imb.npz"), "--labels-per-class", "5"]).run_dir
+    b = script.parse_args([*base, "--features", str(tmp_path / "other.npz"), "--labels-per-class", "5"]).run_dir
+    assert a != b and "imb" in a and "other" in b
+    assert a == script.parse_args([*base, "--features", str(tmp_path / "imb.npz"), "--labels-per-class", "5"]).run_dir

@@ -2,7 +2,9 @@
 
 The flow's batch-norms are converted to GlobalBatchNorm (statistics over both ranks), so the two-rank run computes
 exactly the single-process function; float64 makes the comparison tight. The workers also run two Trainer steps to
-check the collective checkpoint (rank 0 writes; every rank's RNG state is saved).
+check the collective checkpoint (rank 0 writes; every rank's RNG state is saved). With ``invertible_backprop`` the
+flow's backward pass rebuilds its inputs and recomputes the global batch-norms (collectives inside the backward
+pass, interleaved with DDP's gradient all-reduce): the gradients must still be the single-process standard ones.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ from flowgmm_fast.training import (GlobalBatchNorm, Trainer, TrainLogger, flowgm
 GLOBAL_BATCH = 8
 
 
-def build_model():
+def build_model(invertible=False):
     torch.manual_seed(0)
-    flow = flowgmm_fast.nn.RealNVP(1, 1, 4, 1, dequantize=False)
+    flow = flowgmm_fast.nn.RealNVP(1, 1, 4, 1, dequantize=False, invertible_backprop=invertible)
     model = flowgmm_fast.FlowGMM(flow, flowgmm_fast.nn.GaussianMixture(3, 64))
     return model.double()
 
@@ -49,14 +51,14 @@ def loss_and_grads(net, x, labels, x2):
     return loss.detach(), grads
 
 
-def _worker(rank, world, port, out_dir):
+def _worker(rank, world, port, out_dir, invertible):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     flowgmm_fast.set_backend("torch")
     info = init_distributed("cpu")
     try:
-        net = wrap_model(build_model(), info)
+        net = wrap_model(build_model(invertible), info)
         n_global_bn = sum(isinstance(m, GlobalBatchNorm) for m in net.modules())
         rows = rank_rows(rank, world)
         x, labels, x2 = (t[rows] for t in global_batch())
@@ -85,13 +87,14 @@ def _free_port():
 
 
 @pytest.mark.slow
-def test_ddp_two_cpu_ranks_match_one_process(tmp_path):
+@pytest.mark.parametrize("invertible", [False, True], ids=["standard", "invertible_backprop"])
+def test_ddp_two_cpu_ranks_match_one_process(tmp_path, invertible):
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     flowgmm_fast.set_backend("torch")
     ref_loss, ref_grads = loss_and_grads(build_model(), *global_batch())
 
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), invertible), nprocs=2, join=True)
 
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt")

@@ -32,16 +32,28 @@ class Flow(nn.Module):
 
 
 class FlowSequential(Flow):
-    """Composition of flow layers; reverse runs them backwards through their inverses."""
+    """Composition of flow layers; reverse runs them backwards through their inverses.
 
-    def __init__(self, *layers: Flow):
+    ``invertible_backprop=True``: with grad enabled, the forward pass keeps no activations and the backward pass
+    rebuilds each layer's input by inversion (:mod:`flowgmm_fast.nn.invertible`; ``checkpoint_every=N`` also keeps
+    every N-th layer's exact input). Both are plain attributes: they can be switched between steps.
+    """
+
+    def __init__(self, *layers: Flow, invertible_backprop: bool = False, checkpoint_every: int | None = None):
         super().__init__()
         for i, layer in enumerate(layers):
             if not isinstance(layer, Flow):
                 raise TypeError(f"FlowSequential: layer {i} must be a flowgmm_fast.nn.Flow, got {type(layer).__name__}")
         self.layers = nn.ModuleList(layers)
+        from .invertible import check_options
+
+        self.invertible_backprop, self.checkpoint_every = check_options(invertible_backprop, checkpoint_every)
 
     def forward(self, x, sldj=None, reverse=False):
+        if self.invertible_backprop and not reverse and torch.is_grad_enabled():
+            from .invertible import invertible_forward
+
+            return invertible_forward(self, x, sldj, checkpoint_every=self.checkpoint_every)
         sldj = zero_sldj(x, sldj)
         for layer in (reversed(self.layers) if reverse else self.layers):
             x, sldj = layer(x, sldj, reverse)

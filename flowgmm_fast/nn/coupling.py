@@ -76,7 +76,9 @@ class AffineCoupling(Flow):
             keep = (torch.arange(channels) < channels // 2).float()
             self.register_buffer("mask", 1 - keep if reverse_mask else keep, persistent=False)
 
-    def _st(self, cond: torch.Tensor, n_out: int):
+    def st(self, cond: torch.Tensor):
+        """(s, t) from the conditioning input (:meth:`conditioning`), each (B, transformed channels, ...)."""
+        n_out = self.channels // 2 if self.mask_type == "channel" else self.channels
         st = self.st_net(cond)
         if st.shape[1] != 2 * n_out:
             raise ValueError(f"st_net must return {2 * n_out} channels (s and t for {n_out}) on dim 1, "
@@ -84,28 +86,37 @@ class AffineCoupling(Flow):
         # under autocast the s/t net runs in bf16/fp16; the coupling itself stays in the flow's dtype
         return st.to(cond.dtype).chunk(2, dim=1)
 
-    def forward(self, x, sldj=None, reverse=False):
-        if x.dim() < 2 or x.shape[1] != self.channels:
-            raise ValueError(f"AffineCoupling({self.channels}, {self.mask_type!r}) expects x with {self.channels} "
-                             f"channels on dim 1, got shape {tuple(x.shape)}")
+    def conditioning(self, x: torch.Tensor) -> torch.Tensor:
+        """The s/t net's input: x * b (checkerboard, half) or the conditioning half of the channels. It reads only
+        the positions the coupling keeps, so it is the same for x and for the coupling's output."""
+        if self.mask_type == "checkerboard":
+            return x * checkerboard_mask(x.shape[-2], x.shape[-1], int(self.reverse_mask), x.dtype, x.device)
+        if self.mask_type == "half":
+            return x * self.mask.to(x.dtype)
+        return x.chunk(2, dim=1)[0 if self.reverse_mask else 1]
+
+    def couple(self, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor, reverse: bool = False,
+               sldj: torch.Tensor | None = None):
+        """The fused coupling of x with given (s, t): ``(y, sldj)`` (``reverse``: the inverse)."""
         scale = self.rescale.scale
         if self.mask_type == "checkerboard":
-            parity = int(self.reverse_mask)
-            b = checkerboard_mask(x.shape[-2], x.shape[-1], parity, x.dtype, x.device)
-            s, t = self._st(x * b, self.channels)
-            return F.affine_coupling(x, s, t, scale, F.checkerboard(parity), reverse, sldj)
+            return F.affine_coupling(x, s, t, scale, F.checkerboard(int(self.reverse_mask)), reverse, sldj)
         if self.mask_type == "half":
-            b = self.mask.to(x.dtype)
-            s, t = self._st(x * b, self.channels)
-            return F.affine_coupling(x, s, t, scale, b, reverse, sldj)
+            return F.affine_coupling(x, s, t, scale, self.mask.to(x.dtype), reverse, sldj)
         if self.reverse_mask:
             x_id, x_change = x.chunk(2, dim=1)
         else:
             x_change, x_id = x.chunk(2, dim=1)
-        s, t = self._st(x_id, self.channels // 2)
         x_change, sldj = F.affine_coupling(x_change, s, t, scale, None, reverse, sldj)
         parts = (x_id, x_change) if self.reverse_mask else (x_change, x_id)
         return torch.cat(parts, dim=1), sldj
+
+    def forward(self, x, sldj=None, reverse=False):
+        if x.dim() < 2 or x.shape[1] != self.channels:
+            raise ValueError(f"AffineCoupling({self.channels}, {self.mask_type!r}) expects x with {self.channels} "
+                             f"channels on dim 1, got shape {tuple(x.shape)}")
+        s, t = self.st(self.conditioning(x))
+        return self.couple(x, s, t, reverse, sldj)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, mask_type={self.mask_type!r}, reverse_mask={self.reverse_mask}"

@@ -8,6 +8,8 @@ from torch import nn
 from .. import functional as F
 from .base import Flow, FlowSequential, zero_sldj
 from .coupling import AffineCoupling
+from .invertible import (CouplingStep, FactorOutStep, MergeStep, SqueezeStep, check_options, invertible_forward,
+                         steps_of)
 from .layers import Logit
 
 
@@ -58,6 +60,14 @@ class _Scale(Flow):
             x, sldj = coupling(x, sldj, reverse=True)
         return x, sldj
 
+    def invertible_steps(self):
+        """forward() as a flat list of steps for backprop by inversion (:mod:`flowgmm_fast.nn.invertible`)."""
+        steps = [CouplingStep(c) for c in self.in_couplings]
+        if self.is_last:
+            return steps
+        steps += [SqueezeStep(), *(CouplingStep(c) for c in self.out_couplings), SqueezeStep(reverse=True)]
+        return steps + [FactorOutStep(), *self.next.invertible_steps(), MergeStep()]
+
 
 class RealNVP(Flow):
     """Multi-scale RealNVP for images (Dinh et al. 2017; the FlowGMM image flow).
@@ -65,11 +75,15 @@ class RealNVP(Flow):
     x: (B, C, H, W) in [0, 1] -> z: (B, C, H, W) (flatten for the prior: D = C H W); H and W divisible by
     2^(num_scales - 1). A :class:`Logit` preprocessing layer (``alpha``; dequantisation noise in training mode when
     ``dequantize``) comes first unless ``logit=False``. Defaults are the paper's: num_scales 2, mid 64, 8 blocks.
+    ``invertible_backprop=True``: backprop by inversion, activation memory independent of the depth
+    (:mod:`flowgmm_fast.nn.invertible`; ``checkpoint_every=N`` also keeps every N-th coupling's exact input).
     """
 
     def __init__(self, in_channels: int = 1, num_scales: int = 2, mid_channels: int = 64, num_blocks: int = 8, *,
-                 alpha: float = 0.05, dequantize: bool = True, logit: bool = True):
+                 alpha: float = 0.05, dequantize: bool = True, logit: bool = True, invertible_backprop: bool = False,
+                 checkpoint_every: int | None = None):
         super().__init__()
+        self.invertible_backprop, self.checkpoint_every = check_options(invertible_backprop, checkpoint_every)
         if num_scales < 1:
             raise ValueError(f"num_scales must be >= 1, got {num_scales}")
         self.in_channels = in_channels
@@ -89,9 +103,15 @@ class RealNVP(Flow):
             if self.preprocess is not None:
                 x, sldj = self.preprocess(x, sldj, reverse=True)
             return x, sldj
+        if self.invertible_backprop and torch.is_grad_enabled():
+            return invertible_forward(self, x, sldj, checkpoint_every=self.checkpoint_every)
         if self.preprocess is not None:
             x, sldj = self.preprocess(x, sldj)
         return self.body(x, sldj)
+
+    def invertible_steps(self):
+        """forward() as a flat list of steps for backprop by inversion: the logit layer, then the scales."""
+        return (steps_of(self.preprocess) if self.preprocess is not None else []) + self.body.invertible_steps()
 
 
 class RealNVPTabular(FlowSequential):
@@ -99,17 +119,19 @@ class RealNVPTabular(FlowSequential):
     an MLP Linear(D, k) - ReLU - Dropout - [Linear(k, k) - ReLU] x num_layers - Linear(k, 2D).
 
     x: (B, dim) -> z: (B, dim). REFERENCE.md settings: text k=1024 with 7 couplings, UCI k=256 with 10, 2-D k=512 with 5.
+    ``invertible_backprop`` / ``checkpoint_every``: as in :class:`FlowSequential` (backprop by inversion).
     """
 
     def __init__(self, dim: int, num_coupling_layers: int = 6, hidden_dim: int = 256, num_layers: int = 1,
-                 dropout: float = 0.5):
+                 dropout: float = 0.5, *, invertible_backprop: bool = False, checkpoint_every: int | None = None):
         if dim < 2:
             raise ValueError(f"RealNVPTabular needs dim >= 2 (half of the features condition the rest), got {dim}")
         if num_coupling_layers < 1:
             raise ValueError(f"num_coupling_layers must be >= 1, got {num_coupling_layers}")
         super().__init__(*[
             AffineCoupling(dim, "half", reverse_mask=bool(i % 2), hidden_dim=hidden_dim, num_layers=num_layers,
-                           dropout=dropout) for i in range(num_coupling_layers)])
+                           dropout=dropout) for i in range(num_coupling_layers)],
+            invertible_backprop=invertible_backprop, checkpoint_every=checkpoint_every)
         self.dim = dim
         self.event_shape = (dim,)
 
