@@ -46,8 +46,8 @@ inline Tensor squeeze_output(const Tensor& x, const SqueezeGeometry& g, bool rev
   Tensor squeeze2x2(const Tensor& x, bool reverse, bool alt_order);                                                \
   std::tuple<Tensor, Tensor> logit_fwd(const Tensor& x, double alpha, bool reverse, const OptTensor& sldj,         \
                                        const OptTensor& noise);                                                    \
-  Tensor logit_bwd(const Tensor& grad_y, const OptTensor& grad_sldj, const Tensor& x, double alpha, bool reverse,  \
-                   const OptTensor& noise);                                                                        \
+  std::tuple<Tensor, Tensor> logit_bwd(const Tensor& grad_y, const OptTensor& grad_sldj, const Tensor& x,         \
+                                       double alpha, bool reverse, const OptTensor& noise, bool noise_grad);       \
   std::tuple<Tensor, Tensor> gmm_fwd(const Tensor& z, const Tensor& means, const Tensor& log_std,                  \
                                      const OptTensor& weight_logits, const OptTensor& labels, double label_weight); \
   std::tuple<Tensor, Tensor, Tensor, Tensor> gmm_bwd(const OptTensor& grad_nll, const OptTensor& grad_logits,      \
