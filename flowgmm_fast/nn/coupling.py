@@ -85,9 +85,13 @@ class AffineCoupling(Flow):
         return st.to(cond.dtype).chunk(2, dim=1)
 
     def forward(self, x, sldj=None, reverse=False):
-        if x.dim() < 2 or x.shape[1] != self.channels:
-            raise ValueError(f"AffineCoupling({self.channels}, {self.mask_type!r}) expects x with {self.channels} "
-                             f"channels on dim 1, got shape {tuple(x.shape)}")
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        dims = 2 if self.mask_type == "half" else 4
+        if x.dim() != dims or x.shape[1] != self.channels:
+            layout = f"(B, {self.channels})" if dims == 2 else f"(B, {self.channels}, H, W)"
+            raise ValueError(f"AffineCoupling({self.channels}, {self.mask_type!r}) expects x of shape {layout}, "
+                             f"got {tuple(x.shape)}")
         scale = self.rescale.scale
         if self.mask_type == "checkerboard":
             parity = int(self.reverse_mask)
@@ -95,9 +99,8 @@ class AffineCoupling(Flow):
             s, t = self._st(x * b, self.channels)
             return F.affine_coupling(x, s, t, scale, F.checkerboard(parity), reverse, sldj)
         if self.mask_type == "half":
-            b = self.mask.to(x.dtype)
-            s, t = self._st(x * b, self.channels)
-            return F.affine_coupling(x, s, t, scale, b, reverse, sldj)
+            s, t = self._st(x * self.mask.to(x.dtype), self.channels)
+            return F.affine_coupling(x, s, t, scale, self.mask, reverse, sldj)  # the buffer: its values checked once
         if self.reverse_mask:
             x_id, x_change = x.chunk(2, dim=1)
         else:
