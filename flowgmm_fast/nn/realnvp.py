@@ -84,7 +84,7 @@ class RealNVP(Flow):
             raise ValueError(f"RealNVP expects x of shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
         side = 2 ** (self.num_scales - 1)
         if x.shape[2] % side or x.shape[3] % side:
-            raise ValueError(f"RealNVP with num_scales={self.num_scales} needs H and W divisible by {side}, "
+            raise ValueError(f"RealNVP with num_scales={self.num_scales} needs x with H and W divisible by {side}, "
                              f"got {tuple(x.shape[2:])}")
         if reverse:
             x, sldj = self.body(x, sldj, reverse=True)
