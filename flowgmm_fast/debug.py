@@ -7,7 +7,7 @@ sync per layer. Here nothing on the hot path syncs; turn the checks on while hun
 
 Then every op of :mod:`flowgmm_fast.functional` (affine_coupling, squeeze2x2, logit_transform, gmm_log_prob,
 gmm_nll) checks that its floating inputs and outputs are finite, naming the op and the tensor; GMM labels are
-range-checked on CUDA too (on the CPU they always are), and CUDA masks are checked for 0/1 values on every call rather
+range-checked on CUDA too (on the CPU they always are), and masks are checked for 0/1 values on every call rather
 than once per mask tensor. Not inside torch.compile (a data-dependent check would break the graph).
 """
 

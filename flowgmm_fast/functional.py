@@ -3,8 +3,9 @@
 Each function checks its arguments (rank, shape, dtype, device), normalises them to the backend signature documented
 in :mod:`flowgmm_fast.ops.reference`, and calls the implementation chosen by :mod:`flowgmm_fast._backend`
 ("torch", "triton", "native" or "auto"). Bad input raises ``ValueError`` / ``TypeError`` naming the argument.
-Checks that read tensor values (mask entries in {0, 1}, label range) run where they cost no host-device sync: always
-for CPU tensors; for CUDA masks once per mask tensor (and version), for CUDA labels in debug mode only. In debug mode
+Checks that read tensor values run where they cost no host-device sync on the hot path: mask entries in {0, 1} once
+per mask tensor (and in-place version; every call in debug mode), the label range for every CPU call and for CUDA
+labels in debug mode only. In debug mode
 (:mod:`flowgmm_fast.debug`) every op also checks that its floating inputs and outputs are finite.
 
 Paper: Izmailov et al., "Semi-Supervised Learning with Normalizing Flows" (ICML 2020), eq. (1)-(3) for the likelihood;
@@ -90,8 +91,9 @@ def _debug_check(op: str, **tensors) -> None:
             debug.check_finite(f"{op}: {name}", t)
 
 
-# Masks whose values were checked: id -> (weak reference, version). On CUDA a mask is checked the first time each mask
-# tensor (at each in-place version) is seen, so a layer's persistent mask costs one host sync in all.
+# Masks whose values were checked: id -> (weak reference, version). A mask is checked the first time each mask tensor
+# (at each in-place version) is seen, so a layer's persistent mask costs one check in all (one host sync on CUDA; on
+# the CPU the check would cost 10% of a small fused coupling call if repeated).
 _CHECKED_MASKS: dict[int, tuple[weakref.ref, int]] = {}
 
 
@@ -100,17 +102,15 @@ def _check_mask_values(mask: torch.Tensor) -> None:
         return
     key = id(mask)
     seen = _CHECKED_MASKS.get(key)
-    if mask.device.type != "cpu" and not debug.enabled() and seen is not None and seen[0]() is mask \
-            and seen[1] == mask._version:
+    if not debug.enabled() and seen is not None and seen[0]() is mask and seen[1] == mask._version:
         return
     if not bool(((mask == 0) | (mask == 1)).all()):
         bad = mask[(mask != 0) & (mask != 1)].flatten()[:4].tolist()
         raise ValueError(f"mask must hold only 0 and 1 (1 = kept / conditioning position), got value(s) such as "
                          f"{bad}")
-    if mask.device.type != "cpu":
-        if len(_CHECKED_MASKS) >= 256:
-            _CHECKED_MASKS.clear()
-        _CHECKED_MASKS[key] = (weakref.ref(mask), mask._version)
+    if len(_CHECKED_MASKS) >= 256:
+        _CHECKED_MASKS.clear()
+    _CHECKED_MASKS[key] = (weakref.ref(mask), mask._version)
 
 
 def _normalise_mask(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

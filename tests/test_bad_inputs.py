@@ -299,3 +299,12 @@ def test_debug_mode_checks_every_op():
                 call()
     finally:
         debug.enable(False)
+
+
+def test_mask_values_checked_once_per_tensor_and_again_after_an_in_place_change():
+    m = torch.ones(5)
+    m[:2] = 0
+    F.affine_coupling(X2, X2, X2, mask=m)
+    m[0] = 0.5  # bumps the version: checked again
+    with pytest.raises(ValueError, match="mask must hold only 0 and 1"):
+        F.affine_coupling(X2, X2, X2, mask=m)

@@ -40,11 +40,6 @@ Geometry geometry(const Tensor& x) {
 
 int64_t grain_rows(int64_t S) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, S)); }
 
-// Row reductions (log-det, scale gradient) are taken in blocks: a vectorised partial over kSumBlock positions in the
-// compute dtype, the partials added in double. One float accumulator per SIMD lane over a whole 2048 x 2048 row
-// drifted by 1e-5 to 1e-4 relative; blocked, the error stays at a few float ulps of the block sums.
-constexpr int64_t kSumBlock = 1024;
-
 // The mask rows: the dense (C, S) mask, or the checkerboard's (S,) pattern over (H, W) (for S == 1, vector mode,
 // its single value repeated over the C channels); undefined without a mask.
 template <typename scalar_t>
@@ -105,20 +100,14 @@ inline __attribute__((always_inline)) void forward_range(const Args<scalar_t>& a
           std::copy(xr + sg.begin, xr + sg.end, yr + sg.begin);
           continue;
         }
-        for (int64_t c0 = sg.begin; c0 < sg.end; c0 += kSumBlock) {
-          const int64_t c1 = std::min(sg.end, c0 + kSumBlock);
-          acc part = 0;
-#pragma omp simd reduction(+ : part)
-          for (int64_t c = c0; c < c1; ++c) {
-            acc s_m;
-            const acc keep = kMode == kVecDense ? static_cast<acc>(m[c]) : acc(0);
-            yr[c] = static_cast<scalar_t>(math::coupling_forward<acc, kScale, kReverse>(
-                static_cast<acc>(xr[c]), static_cast<acc>(sr[c]), static_cast<acc>(tr[c]), kScale ? sc[c] : acc(0),
-                keep, s_m));
-            part += s_m;
-          }
-          ldj += part;
-        }
+        ldj += blocked_sum<acc>(sg.begin, sg.end, [&](int64_t c) __attribute__((always_inline)) {
+          acc s_m;
+          const acc keep = kMode == kVecDense ? static_cast<acc>(m[c]) : acc(0);
+          yr[c] = static_cast<scalar_t>(math::coupling_forward<acc, kScale, kReverse>(
+              static_cast<acc>(xr[c]), static_cast<acc>(sr[c]), static_cast<acc>(tr[c]), kScale ? sc[c] : acc(0),
+              keep, s_m));
+          return s_m;
+        });
       }
       a.row_red[b] = static_cast<acc>(ldj);
     }
@@ -131,21 +120,13 @@ inline __attribute__((always_inline)) void forward_range(const Args<scalar_t>& a
     const int64_t o = r * g.S;
     const scalar_t *xr = a.x + o, *sr = a.s + o, *tr = a.t + o;
     scalar_t* yr = a.y + o;
-    double ldj = 0;
-    for (int64_t w0 = 0; w0 < g.S; w0 += kSumBlock) {
-      const int64_t w1 = std::min(g.S, w0 + kSumBlock);
-      acc part = 0;
-#pragma omp simd reduction(+ : part)
-      for (int64_t w = w0; w < w1; ++w) {
-        acc s_m;
-        const acc keep = kMode == kDense ? static_cast<acc>(mrow[w]) : acc(0);
-        yr[w] = static_cast<scalar_t>(math::coupling_forward<acc, kScale, kReverse>(
-            static_cast<acc>(xr[w]), static_cast<acc>(sr[w]), static_cast<acc>(tr[w]), sc, keep, s_m));
-        part += s_m;
-      }
-      ldj += part;
-    }
-    a.row_red[r] = static_cast<acc>(ldj);
+    a.row_red[r] = static_cast<acc>(blocked_sum<acc>(0, g.S, [&](int64_t w) __attribute__((always_inline)) {
+      acc s_m;
+      const acc keep = kMode == kDense ? static_cast<acc>(mrow[w]) : acc(0);
+      yr[w] = static_cast<scalar_t>(math::coupling_forward<acc, kScale, kReverse>(
+          static_cast<acc>(xr[w]), static_cast<acc>(sr[w]), static_cast<acc>(tr[w]), sc, keep, s_m));
+      return s_m;
+    }));
   }
 }
 
@@ -195,23 +176,17 @@ inline __attribute__((always_inline)) void backward_range(const Args<scalar_t>& 
     const int64_t o = r * g.S;
     const scalar_t *gyr = a.gy + o, *xr = a.x + o, *sr = a.s + o, *tr = a.t + o;
     scalar_t *gxr = a.gx + o, *gsr = a.gs + o, *gtr = a.gt + o;
-    double gscale = 0;
-    for (int64_t w0 = 0; w0 < g.S; w0 += kSumBlock) {
-      const int64_t w1 = std::min(g.S, w0 + kSumBlock);
-      acc part = 0;
-#pragma omp simd reduction(+ : part)
-      for (int64_t w = w0; w < w1; ++w) {
-        acc vx, vs, vt;
-        const acc keep = kMode == kDense ? static_cast<acc>(mrow[w]) : acc(0);
-        part += math::coupling_backward<acc, kScale, kReverse>(static_cast<acc>(gyr[w]), glb, static_cast<acc>(xr[w]),
-                                                               static_cast<acc>(sr[w]), static_cast<acc>(tr[w]), sc,
-                                                               keep, vx, vs, vt);
-        gxr[w] = static_cast<scalar_t>(vx);
-        gsr[w] = static_cast<scalar_t>(vs);
-        gtr[w] = static_cast<scalar_t>(vt);
-      }
-      gscale += part;
-    }
+    const double gscale = blocked_sum<acc>(0, g.S, [&](int64_t w) __attribute__((always_inline)) {
+      acc vx, vs, vt;
+      const acc keep = kMode == kDense ? static_cast<acc>(mrow[w]) : acc(0);
+      const acc part = math::coupling_backward<acc, kScale, kReverse>(
+          static_cast<acc>(gyr[w]), glb, static_cast<acc>(xr[w]), static_cast<acc>(sr[w]), static_cast<acc>(tr[w]), sc,
+          keep, vx, vs, vt);
+      gxr[w] = static_cast<scalar_t>(vx);
+      gsr[w] = static_cast<scalar_t>(vs);
+      gtr[w] = static_cast<scalar_t>(vt);
+      return part;
+    });
     if (kScale) a.row_red[r] = static_cast<acc>(gscale);
   }
 }
@@ -341,7 +316,7 @@ void checker_forward_rows(const Args<float>& a, int64_t begin, int64_t end) {
     const float sc = kScale ? a.scale[r % g.C] : 0.0f;
     const float *xr = a.x + o, *sr = a.s + o, *tr = a.t + o;
     float* yr = a.y + o;
-    double ldj = 0;  // the pair blocks' float partials added in double (see kSumBlock)
+    double ldj = 0;  // the pair blocks' float partials added in double (see blocked_sum in ops.h)
     for (int64_t p0 = 0; p0 < nvec; p0 += kPairBlock) {
       const int64_t np = std::min(kPairBlock, nvec - p0);
       split_pairs(xr, xt, a.odd, p0, np);
