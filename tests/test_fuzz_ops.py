@@ -22,9 +22,10 @@ non-finite, ``ref`` finite) the element is not compared. For float64 inputs ``re
 no exact truth, so |same - ref| is replaced by the same algorithm's float32 error scaled by eps64 / eps32. The squeeze is
 a permutation and must match exactly.
 
-Profiles (environment variable FLOWGMM_FUZZ): "ci" (default; derandomised, a few minutes in all on 2 cores, as the
-test suite runs in CI) and "long" (>= 1000 examples per op on native, 200 under the Triton interpreter, random
-seeds), e.g.
+Profiles (environment variable FLOWGMM_FUZZ): "ci" (default; derandomised, about two minutes in all on 2 cores, as the
+test suite runs in CI: 60 examples per op on native and 8 under the Triton interpreter, 40 and 6 for each of the slower
+gmm_log_prob and gmm_nll) and "long" (1000 examples per op on native, 200 under the Triton interpreter, random seeds;
+about an hour on 2 cores, most of it the GMM at D up to 3072), e.g.
 
     FLOWGMM_FUZZ=long python -m pytest tests/test_fuzz_ops.py -q -s      # prints the example counts per op
 
@@ -52,6 +53,8 @@ PROFILE = os.environ.get("FLOWGMM_FUZZ", "ci")
 if PROFILE not in ("ci", "long"):
     raise ValueError(f"FLOWGMM_FUZZ must be 'ci' or 'long', got {PROFILE!r}")
 EXAMPLES = {"ci": {"native": 60, "triton": 8}, "long": {"native": 1000, "triton": 200}}[PROFILE]
+# the GMM examples are the slow ones (D up to 3072): in CI each of its two ops gets fewer
+CI_EXAMPLES_GMM = {"native": 40, "triton": 6}
 BACKENDS = [b for b in ("native", "triton") if "cpu" in backend_devices(b)]
 SENS_FACTOR = 32
 N_PERTURB = 3
@@ -59,8 +62,9 @@ ATOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-3, torch.bf
 FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-def _settings(backend: str):
-    return settings(max_examples=EXAMPLES[backend], deadline=None, derandomize=PROFILE == "ci", database=None,
+def _settings(op: str, backend: str):
+    n = CI_EXAMPLES_GMM[backend] if PROFILE == "ci" and op.startswith("gmm") else EXAMPLES[backend]
+    return settings(max_examples=n, deadline=None, derandomize=PROFILE == "ci", database=None,
                     suppress_health_check=list(HealthCheck), print_blob=True)
 
 
@@ -69,7 +73,7 @@ def _run(op: str, backend: str, strategy, check) -> None:
         pytest.skip(f"backend {backend} does not run on the CPU here")
     count = [0]
 
-    @_settings(backend)
+    @_settings(op, backend)
     @given(case=strategy)
     def body(case):
         check(backend, case)
@@ -386,7 +390,7 @@ class GmmCase:
 
 
 @st.composite
-def gmm_cases(draw):
+def gmm_cases(draw, log_prob: bool):
     return GmmCase(dtype=draw(st.sampled_from(FLOATS)), param_dtype=draw(st.sampled_from(["same", "float32"])),
                    b=draw(st.sampled_from([1, 2, 3, 5, 17, 64])), k=draw(st.sampled_from([1, 2, 3, 10, 17])),
                    d=draw(st.sampled_from([1, 2, 7, 32, 33, 100, 784, 3072])), diag=draw(st.booleans()),
@@ -394,7 +398,7 @@ def gmm_cases(draw):
                    label_weight=draw(st.sampled_from([1.0, 0.0, 3.0, -0.5]) | st.floats(-3, 3)),
                    layout=draw(st.sampled_from(["contiguous", "sliced", "transposed", "expanded"])),
                    magnitude=draw(st.sampled_from(["normal", "offset", "spread", "tight"])),
-                   log_prob=draw(st.booleans()), seed=draw(st.integers(0, 2**31 - 1)))
+                   log_prob=log_prob, seed=draw(st.integers(0, 2**31 - 1)))
 
 
 def _gmm_with_rounding(z, means, log_std, wl, labels, label_weight, gen):
@@ -519,7 +523,8 @@ def check_squeeze(backend, case: SqueezeCase):
 
 
 FUZZED = {"affine_coupling": (coupling_cases, check_coupling), "logit_transform": (logit_cases, check_logit),
-          "gmm": (gmm_cases, check_gmm), "squeeze2x2": (squeeze_cases, check_squeeze)}
+          "gmm_log_prob": (lambda: gmm_cases(log_prob=True), check_gmm),
+          "gmm_nll": (lambda: gmm_cases(log_prob=False), check_gmm), "squeeze2x2": (squeeze_cases, check_squeeze)}
 
 
 @pytest.mark.parametrize("backend", ["native", "triton"])
