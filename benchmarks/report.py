@@ -301,7 +301,8 @@ def build(results_dir: Path, readme: Path | None, write_readme: bool = True, out
     block. Returns the paths, whether the README was updated, and the block."""
     out = sys.stdout if out is None else out
     results_dir = Path(results_dir)
-    runs = newest_runs(results_dir)
+    # devices with op or training-step results (an import-time file alone has no section: bench_import prints it)
+    runs = {tag: r for tag, r in newest_runs(results_dir).items() if "ops" in r or "train_step" in r}
     if not runs:
         raise SystemExit(f"report: no results files in {results_dir}; run benchmarks/run_cpu.sh first")
     pngs = {tag: plot(r, results_dir / f"perf_{tag}.png", tag) for tag, r in sorted(runs.items())}

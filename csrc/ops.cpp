@@ -16,6 +16,15 @@
 #ifndef FLOWGMM_CUDA_VERSION
 #define FLOWGMM_CUDA_VERSION ""
 #endif
+#ifndef FLOWGMM_CUDA_ARCHS
+#define FLOWGMM_CUDA_ARCHS ""
+#endif
+#ifndef FLOWGMM_CUDA_SKIPPED
+#define FLOWGMM_CUDA_SKIPPED ""
+#endif
+#ifndef FLOWGMM_BUILD_DEBUG
+#define FLOWGMM_BUILD_DEBUG 0
+#endif
 
 namespace flowgmm {
 namespace {
@@ -288,8 +297,8 @@ TORCH_LIBRARY_IMPL(flowgmm_native, CPU, m) { flowgmm::register_impls<false>(m); 
 TORCH_LIBRARY_IMPL(flowgmm_native, CUDA, m) { flowgmm::register_impls<true>(m); }
 #endif
 
-// ---- the Python module flowgmm_fast._C: importing it registers the ops above; build_info() says what it was built
-// against (checked by native_ops.py at import).
+// ---- the Python module flowgmm_fast._C: importing it registers the ops above; build_info() says how it was built
+// (setup.py defines the macros; native_ops.py checks the torch and CUDA versions at import).
 namespace {
 
 PyObject* build_info(PyObject*, PyObject*) {
@@ -298,13 +307,17 @@ PyObject* build_info(PyObject*, PyObject*) {
 #else
   PyObject* with_cuda = Py_False;
 #endif
-  return Py_BuildValue("{s:s,s:s,s:O}", "torch", FLOWGMM_TORCH_VERSION, "cuda", FLOWGMM_CUDA_VERSION, "with_cuda",
-                       with_cuda);
+  PyObject* debug = FLOWGMM_BUILD_DEBUG ? Py_True : Py_False;
+  return Py_BuildValue("{s:s,s:s,s:O,s:s,s:s,s:O}", "torch", FLOWGMM_TORCH_VERSION, "cuda", FLOWGMM_CUDA_VERSION,
+                       "with_cuda", with_cuda, "cuda_archs", FLOWGMM_CUDA_ARCHS, "cuda_skipped", FLOWGMM_CUDA_SKIPPED,
+                       "debug", debug);
 }
 
 PyMethodDef methods[] = {
     {"build_info", build_info, METH_NOARGS,
-     "build_info() -> dict(torch=str, cuda=str, with_cuda=bool): the torch and CUDA versions this was built against"},
+     "build_info() -> dict(torch=str, cuda=str, with_cuda=bool, cuda_archs=str, cuda_skipped=str, debug=bool): the "
+     "torch and CUDA versions this was built against, the CUDA architectures, why the CUDA kernels were not built "
+     "(when the build fell back to the CPU kernels) and whether it carries debug information"},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "flowgmm_native ops (torch.ops.flowgmm_native)", -1, methods};

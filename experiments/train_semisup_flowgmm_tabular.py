@@ -44,16 +44,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 
 import torch
 
 from flowgmm_fast.data import tabular as T
-from flowgmm_fast.semisup import build_tabular_flowgmm, init_means_from_labeled
-from flowgmm_fast.training import (Trainer, TrainLogger, make_lr_scheduler, read_checkpoint,
-                                   reconcile_resume_args, seed_everything, semisup_loss, set_learning_rate)
+from flowgmm_fast.semisup import FitConfig, build_tabular_flowgmm, fit_flowgmm, init_means_from_labeled
+from flowgmm_fast.training import (TrainLogger, read_checkpoint, reconcile_resume_args, seed_everything,
+                                   set_learning_rate)
 
 PRESETS = {
     "ag_news": dict(num_labeled=200, unlabeled_weight=0.6, epochs=100, lr=3e-4, num_coupling_layers=7,
@@ -100,7 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--means-init", choices=("reference", "labeled"),
                    help="reference: REFERENCE.md's fixed random means; labeled: class means of the labeled latents, "
                         "spread to >= 4 sigma apart")
-    p.add_argument("--max-steps", type=int, help="stop after this many steps (default: epochs x steps per epoch)")
+    p.add_argument("--max-steps", type=int, help="train this many steps (default: epochs x steps per epoch)")
+    p.add_argument("--learn-priors", action="store_true",
+                   help="EM updates of the class priors from the unlabeled rows at every epoch end (not in the paper)")
+    p.add_argument("--patience", type=int, default=None,
+                   help="early stopping: epochs without a held-out unlabeled NLL improvement (not in the paper)")
+    p.add_argument("--validation-fraction", type=float, default=0.1,
+                   help="unlabeled rows held out for --patience (default 0.1)")
     p.add_argument("--stop-at", type=int, help="stop with a checkpoint at this step, the schedule unchanged (continue "
                    "later with --resume)")
     p.add_argument("--max-grad-norm", type=float, default=100.0)
@@ -165,29 +170,6 @@ def load_data(args) -> T.TabularData:
     return T.TabularData(x, y, xt, yt, args.dataset).standardized()
 
 
-class Batches:
-    """All labeled points + ``batch_size`` unlabeled points per step; the unlabeled order of epoch e is a permutation
-    drawn from a generator seeded with (seed, e), so ``batches(start_step)`` replays an uninterrupted run exactly."""
-
-    def __init__(self, x, labels, batch_size: int, seed: int):
-        self.x, self.labels = x, labels
-        self.lab = torch.nonzero(labels >= 0).squeeze(1)
-        self.unl = torch.nonzero(labels < 0).squeeze(1)
-        self.batch_size = batch_size
-        self.seed = seed
-        self.steps_per_epoch = max(1, math.ceil(self.unl.numel() / batch_size))
-
-    def __call__(self, start_step: int):
-        step = start_step
-        while True:
-            epoch, pos = divmod(step, self.steps_per_epoch)
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            perm = self.unl[torch.randperm(self.unl.numel(), generator=gen)]
-            idx = torch.cat([self.lab, perm[pos * self.batch_size:(pos + 1) * self.batch_size]])
-            step += 1
-            yield self.x[idx], self.labels[idx]
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     changes = {}
@@ -217,32 +199,14 @@ def main(argv=None) -> dict:
                                   seed=args.seed).to(device)
     if args.means_init == "labeled":
         init_means_from_labeled(model, x, labels)
-    batches = Batches(x, labels, args.batch_size, args.seed)
-    max_steps = args.max_steps or max(1, int(round(args.epochs * batches.steps_per_epoch)))
     # AdamW decays every trainable weight here (the original tabular trainer), not only the weight-norm gains
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
-                            weight_decay=args.weight_decay)
-    sched = make_lr_scheduler(opt, "cosine", total_steps=max_steps)
+    config = FitConfig(epochs=None if args.max_steps else args.epochs, steps=args.max_steps, lr=args.lr,
+                       batch_size=args.batch_size, unlabeled_weight=args.unlabeled_weight,
+                       label_weight=args.label_weight, weight_decay=args.weight_decay, grad_clip=args.max_grad_norm,
+                       seed=args.seed, log_every=args.log_every, learn_priors=args.learn_priors,
+                       validation_fraction=args.validation_fraction if args.patience else 0.0,
+                       patience=args.patience)
     os.makedirs(args.run_dir, exist_ok=True)
-    logger = TrainLogger(args.run_dir, progress_bar=not args.no_progress)
-    trainer = Trainer(model, {"flow": opt}, schedulers={"flow": sched}, steps_per_epoch=batches.steps_per_epoch,
-                      max_grad_norm=args.max_grad_norm, ckpt_path=os.path.join(args.run_dir, "last.pt"),
-                      logger=logger, extra_state=lambda: {"args": vars(args), "labeled_idx": labeled_idx.tolist()})
-    if args.resume:
-        extra = trainer.resume()
-        if extra.get("labeled_idx") != labeled_idx.tolist():
-            raise SystemExit("--resume: the checkpoint was trained on a different labeled split")
-        if "lr" in changes:
-            set_learning_rate(opt, sched, args.lr)
-        if changes:
-            logger.write(f"resume: changed {', '.join(map(str, changes.values()))} (applied from step "
-                         f"{trainer.step})")
-
-    def compute_loss(batch, _trainer):
-        xb, lb = batch
-        loss, parts, _ = semisup_loss(model, xb, lb, label_weight=args.label_weight,
-                                      unlabeled_weight=args.unlabeled_weight)
-        return loss, parts
 
     @torch.no_grad()
     def evaluate(_trainer):
@@ -251,11 +215,28 @@ def main(argv=None) -> dict:
         test_nll = torch.cat([model.nll(x_test[i:i + 10000]) for i in range(0, x_test.shape[0], 10000)])
         return {"test_accuracy": float((pred == y_test).float().mean()), "test_nll": float(test_nll.mean())}
 
-    stop = max_steps if args.stop_at is None else min(args.stop_at, max_steps)
-    metrics = trainer.fit(batches, compute_loss, max_steps=stop, log_every=args.log_every,
-                          eval_every=args.eval_every, save_every=args.save_every, evaluate=evaluate)
-    result = {"dataset": args.dataset, "seed": args.seed, "labels": int(labeled_idx.size), "steps": trainer.step,
-              "epochs": trainer.epoch, "dim": data.dim, "classes": data.num_classes, **metrics}
+    def check_resume(extra):
+        if extra.get("labeled_idx") != labeled_idx.tolist():
+            raise SystemExit("--resume: the checkpoint was trained on a different labeled split")
+
+    def on_resume(trainer, _extra):  # the mutable flags changed: the loss weights and lengths reach FitConfig
+        if "lr" in changes:  # the restored optimizer and schedule carry the saved lr
+            set_learning_rate(trainer.optimizers["flow"], trainer.schedulers["flow"], args.lr)
+        if changes:
+            trainer.logger.write(f"resume: changed {', '.join(map(str, changes.values()))} (applied from step "
+                                 f"{trainer.step})")
+
+    fit = fit_flowgmm(model, x, labels, config, evaluate=evaluate, eval_every=args.eval_every,
+                      ckpt_path=os.path.join(args.run_dir, "last.pt"), save_every=args.save_every,
+                      logger=TrainLogger(args.run_dir, progress_bar=not args.no_progress), resume=args.resume,
+                      extra_state=lambda: {"args": vars(args), "labeled_idx": labeled_idx.tolist()},
+                      check_resume=check_resume, on_resume=on_resume, stop_at=args.stop_at)
+    metrics = fit.metrics
+    result = {"dataset": args.dataset, "seed": args.seed, "labels": int(labeled_idx.size), "steps": fit.steps,
+              "epochs": fit.epochs[-1]["epoch"] if fit.epochs else 0.0, "dim": data.dim,
+              "classes": data.num_classes, **metrics}
+    if args.learn_priors and fit.epochs and "weights" in fit.epochs[-1]:
+        result["class_prior"] = fit.epochs[-1]["weights"]
     with open(os.path.join(args.run_dir, "metrics.json"), "w") as f:
         json.dump(result, f, indent=1)
     print(json.dumps(result))

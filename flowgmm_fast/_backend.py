@@ -22,10 +22,14 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import sys
+import warnings
 from collections.abc import Iterator
 from types import ModuleType
 
 import torch
+
+from ._info import rebuild_hint
 
 BACKENDS = ("torch", "triton", "native", "auto")
 
@@ -51,8 +55,6 @@ _MODULES = {
     "triton": "flowgmm_fast.ops.triton_ops",
     "native": "flowgmm_fast.ops.native_ops",
 }
-
-REBUILD_HINT = "pip install --no-build-isolation -e ."
 
 
 class BackendUnavailableError(RuntimeError):
@@ -109,8 +111,8 @@ def unavailable_reason(name: str) -> str | None:
         return None
     reason = _load_errors[name]
     if name == "native":
-        return (f"the native backend needs the compiled extension flowgmm_fast._C ({reason}); "
-                f"rebuild it with `{REBUILD_HINT}` from the repository root (CUDA_HOME set for the CUDA kernels)")
+        return reason if reason.startswith("flowgmm_fast._C") else (
+            f"the native backend needs the compiled extension flowgmm_fast._C ({reason}); fix: {rebuild_hint()}")
     if name == "triton":
         return f"the triton backend cannot be used ({reason}); install triton (it ships with CUDA builds of torch)"
     return reason
@@ -173,7 +175,35 @@ def resolve(op: str, device: torch.device) -> str:
     return _resolve(op, device.type, _current)
 
 
-@torch.compiler.assume_constant_result
+def _assume_constant_result(fn):
+    """What ``torch.compiler.assume_constant_result`` does -- mark ``fn`` so dynamo calls it at trace time and bakes
+    the result into the graph -- without importing torch._dynamo (1.5 s, as long as the rest of ``import torch``) when
+    flowgmm_fast is imported. tests/test_compile.py checks that the public decorator still sets this attribute and that
+    the dispatch compiles with fullgraph=True."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+_warned_native_fallback = False
+
+
+def _warn_native_fallback() -> None:
+    """Once per process: "auto" passes over the native backend because flowgmm_fast._C exists but cannot be used
+    (failed to load, or built for another torch). A pure-Python install (no _C at all) is a choice, not warned about."""
+    global _warned_native_fallback
+    if _warned_native_fallback:
+        return
+    _warned_native_fallback = True
+    module = sys.modules.get(_MODULES["native"])
+    if module is not None and not getattr(module, "EXTENSION_BUILT", True):
+        return
+    warnings.warn(f"flowgmm_fast: backend \"auto\" cannot use the native backend and runs the slower PyTorch "
+                  f"reference instead: {unavailable_reason('native')}. (FLOWGMM_FAST_BACKEND=torch picks the "
+                  "reference explicitly and silences this warning; `python -m flowgmm_fast` shows the build.)",
+                  RuntimeWarning, stacklevel=5)
+
+
+@_assume_constant_result
 def _resolve(op: str, device_type: str, current: str) -> str:
     # Under torch.compile this runs for real at trace time (backend modules are imported lazily, which dynamo cannot
     # trace) and its result is baked into the graph; dynamo guards on ``_current`` read by the caller, so switching
@@ -186,14 +216,17 @@ def _resolve(op: str, device_type: str, current: str) -> str:
             if current == "triton" and device_type == "cpu":
                 hint = " (set TRITON_INTERPRET=1 before importing triton to run the kernels on the CPU interpreter)"
             elif current == "native" and device_type == "cuda":
-                hint = f" (the extension was built without CUDA; rebuild with CUDA_HOME set: `{REBUILD_HINT}`)"
+                hint = f" (the extension was built without CUDA kernels; to rebuild it, {rebuild_hint()})"
             raise BackendUnavailableError(f"backend {current!r} does not support {device_type} tensors{hint}")
         return current
     preferred = _AUTO_TABLE.get(device_type, {}).get(op)
     order = ((preferred,) if preferred else ()) + AUTO_PREFERENCE.get(device_type, ("torch",))
     for candidate in order:
-        if unavailable_reason(candidate) is None and device_supported(candidate, device_type):
-            return candidate
+        if unavailable_reason(candidate) is None:
+            if device_supported(candidate, device_type):
+                return candidate
+        elif candidate == "native":
+            _warn_native_fallback()
     return "torch"
 
 

@@ -58,3 +58,14 @@ def test_inductor_computes_the_same_weight_normalised_scale():
     compiled = torch.compile(lambda: layer.rescale.scale * 1.0, backend="inductor", fullgraph=True)
     torch.testing.assert_close(compiled(), layer.rescale.scale * 1.0)
     torch.testing.assert_close(layer.rescale.scale, torch.tensor([1.0, -1.0, 1.0]))
+
+
+def test_dispatch_is_marked_constant_for_dynamo_without_importing_it():
+    # flowgmm_fast marks _backend._resolve the way torch.compiler.assume_constant_result does, without importing
+    # torch._dynamo at `import flowgmm_fast`; if a torch release changes how the decorator marks a function, this
+    # fails here (and the fullgraph test above fails with a graph break).
+    from flowgmm_fast import _backend
+
+    marked = torch.compiler.assume_constant_result(lambda: None)
+    assert vars(marked) == {"_dynamo_marked_constant": True}
+    assert _backend._resolve._dynamo_marked_constant is True

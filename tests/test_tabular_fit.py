@@ -1,4 +1,4 @@
-"""flowgmm_fast.semisup: the light FlowGMM loop for vectors (demo, synthetic figures, results runner)."""
+"""flowgmm_fast.semisup: the tabular FlowGMM loop (estimator, tabular script, demo, figure scripts)."""
 
 import pytest
 import torch
@@ -39,11 +39,13 @@ def test_fit_trains_semi_supervised_and_labels_only():
     for weight in (1.0, 0.0):
         model = build_tabular_flowgmm(2, 2, num_coupling_layers=3, hidden_dim=32, dropout=0.0, seed=0)
         init_means_from_labeled(model, x, labels)  # the random +-3.75 direction can oppose the classes (RESULTS.md)
-        hist = fit_flowgmm(model, x, labels, FitConfig(steps=60, lr=3e-3, batch_size=300, unlabeled_weight=weight,
-                                                       log_every=10), progress=False)
-        assert len(hist) == 6 and hist[-1]["step"] == 60 and hist[-1]["lr"] == pytest.approx(0, abs=1e-12)
-        assert hist[-1]["loss"] < hist[0]["loss"]
-        assert (hist[-1]["nll_unlabeled"] == 0) == (weight == 0)
+        res = fit_flowgmm(model, x, labels, FitConfig(steps=60, lr=3e-3, batch_size=300, unlabeled_weight=weight,
+                                                      log_every=10), progress=False)
+        hist = res.history
+        assert len(hist) == 6 and hist[-1]["step"] == 60 and res.steps == 60
+        assert hist[-1]["train/lr_flow"] == pytest.approx(0, abs=1e-12)
+        assert hist[-1]["train/loss"] < hist[0]["train/loss"]
+        assert (hist[-1]["train/nll_unlabeled"] == 0) == (weight == 0)
         assert not model.training
         assert accuracy(model, x, torch.from_numpy(y)) > 0.75
 
@@ -81,4 +83,53 @@ def test_fit_rejects_bad_input():
         fit_flowgmm(model, x, torch.full_like(labels, -1), FitConfig(steps=1, unlabeled_weight=0.0), progress=False)
     with pytest.raises(ValueError, match="steps"):
         FitConfig(steps=0)
+    with pytest.raises(ValueError, match="not both"):
+        FitConfig(steps=3, epochs=2)
+    with pytest.raises(ValueError, match="validation_fraction"):
+        FitConfig(validation_fraction=1.0)
     assert steps_for_epochs(2, 1000, 300) == 8
+
+
+def test_labels_only_run_never_feeds_unlabeled_rows_to_the_flow():
+    x, labels, _ = _moons(200)
+    model = build_tabular_flowgmm(2, 2, num_coupling_layers=2, hidden_dim=8, seed=0)
+    seen = []
+    handle = model.flow.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[0]))
+    fit_flowgmm(model, x, labels, FitConfig(steps=3, unlabeled_weight=0.0), progress=False)
+    handle.remove()
+    assert seen == [int((labels >= 0).sum())] * 3
+
+
+def test_em_priors_recover_the_class_balance_of_the_unlabeled_rows():
+    """Balanced labels, 85/15 unlabeled rows: the EM steps move the mixture weights from uniform to the data's."""
+    gen = torch.Generator().manual_seed(0)
+    n0, n1 = 850, 150
+    x = torch.cat([torch.randn(n0, 2, generator=gen) * 0.5 - 2, torch.randn(n1, 2, generator=gen) * 0.5 + 2])
+    labels = torch.full((n0 + n1,), -1)
+    labels[:5], labels[n0:n0 + 5] = 0, 1
+    model = build_tabular_flowgmm(2, 2, num_coupling_layers=1, hidden_dim=8, dropout=0.0, seed=0,
+                                  identity_init=True)
+    init_means_from_labeled(model, x, labels, min_separation=None)
+    res = fit_flowgmm(model, x, labels, FitConfig(steps=20, lr=1e-3, batch_size=250, learn_priors=True),
+                      progress=False)
+    weights = torch.softmax(model.prior.weight_logits, 0)
+    assert len(res.epochs) == 5 and all("weights" in e for e in res.epochs)
+    torch.testing.assert_close(weights, torch.tensor([0.85, 0.15]), atol=0.02, rtol=0)
+
+
+def test_early_stopping_keeps_the_best_heldout_epoch_and_stops():
+    x, labels, _ = _moons(400)
+    model = build_tabular_flowgmm(2, 2, num_coupling_layers=2, hidden_dim=16, dropout=0.0, seed=0)
+    init_means_from_labeled(model, x, labels)
+    cfg = FitConfig(epochs=400, lr=3e-2, batch_size=64, validation_fraction=0.25, patience=3, seed=1)
+    res = fit_flowgmm(model, x, labels, cfg, progress=False)
+    assert res.stopped_early and res.steps < 400 * 5
+    vals = [e["val_nll"] for e in res.epochs]
+    best = min(range(len(vals)), key=vals.__getitem__)
+    assert res.best_step == res.epochs[best]["step"]
+    assert all(v >= vals[best] - cfg.min_delta for v in vals[best + 1:]) and len(vals) - 1 - best == cfg.patience
+    # the model kept is the best epoch's: its held-out NLL is the best one
+    from flowgmm_fast.semisup import _split_validation
+    _, val = _split_validation(labels, cfg)
+    with torch.no_grad():
+        assert float(model.nll(x[val]).mean()) == pytest.approx(vals[best], rel=1e-5)

@@ -216,6 +216,13 @@ def test_semisup_loss_parts():
     torch.testing.assert_close(loss, 2.0 * out.nll[lab].mean() + 0.5 * out.nll[~lab].mean())
     with pytest.raises(ValueError, match="labels must have shape"):
         semisup_loss(model, x, labels[:3])
+    with torch.no_grad():
+        model.prior.weight_logits.copy_(torch.linspace(-1, 1, model.prior.num_classes))
+    loss, parts, out = semisup_loss(model, x, labels, label_weight=0.0, unlabeled_weight=1.0, ce_weight=1.5)
+    log_pi = torch.log_softmax(model.prior.weight_logits, 0)
+    ce = torch.nn.functional.cross_entropy(out.logits[lab] - log_pi, labels[lab])  # mixture weights left out
+    torch.testing.assert_close(parts["ce_labeled"], ce)
+    torch.testing.assert_close(loss, out.nll[~lab].mean() + 1.5 * ce)
 
 
 # ----------------------------------------------------------------------------------------------- optimiser helpers

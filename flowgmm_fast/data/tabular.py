@@ -22,9 +22,9 @@ import numpy as np
 
 from ._files import open_npz
 
-__all__ = ["balanced_labeled_indices", "semisup_labels", "Standardizer", "TabularData", "load_features",
-           "save_features", "load_split", "save_split", "maf_discrete_columns", "load_miniboone", "load_hepmass",
-           "load_sklearn", "train_test_split_stratified", "MINIBOONE_FILE", "HEPMASS_FILES"]
+__all__ = ["balanced_labeled_indices", "labels_per_class", "semisup_labels", "Standardizer", "TabularData",
+           "load_features", "save_features", "load_split", "save_split", "maf_discrete_columns", "load_miniboone",
+           "load_hepmass", "load_sklearn", "train_test_split_stratified", "MINIBOONE_FILE", "HEPMASS_FILES"]
 
 MINIBOONE_FILE = "MiniBooNE_PID.txt"
 HEPMASS_FILES = ("1000_train.csv", "1000_test.csv")
@@ -61,6 +61,24 @@ def balanced_labeled_indices(y, num_labeled: int, seed: int = 0) -> np.ndarray:
             raise ValueError(f"class {c} has {members.size} points, fewer than the {per_class} labels per class "
                              f"asked for by num_labeled={num_labeled}")
         picked.append(rng.choice(members, per_class, replace=False))
+    return np.sort(np.concatenate(picked)).astype(np.int64)
+
+
+def labels_per_class(y, per_class: int, seed: int = 0) -> np.ndarray:
+    """Indices of up to ``per_class`` points of every class of ``y`` (all of a class's points when it has fewer),
+    drawn without replacement with ``numpy.random.default_rng(seed)``; sorted (int64). Unlike
+    :func:`balanced_labeled_indices` it never fails on a small class: the usual way to draw a few-label split of a
+    real, possibly imbalanced table."""
+    y = _as_labels(y)
+    if y.size == 0:
+        raise ValueError("y must not be empty")
+    if np.any(y < 0):
+        raise ValueError("y must hold the true class labels (>= 0), not a semi-supervised vector with -1")
+    if not isinstance(per_class, (int, np.integer)) or isinstance(per_class, bool) or per_class < 1:
+        raise ValueError(f"per_class must be a positive int, got {per_class!r}")
+    rng = np.random.default_rng(seed)
+    picked = [rng.choice(members, min(int(per_class), members.size), replace=False)
+              for members in (np.flatnonzero(y == c) for c in np.unique(y))]
     return np.sort(np.concatenate(picked)).astype(np.int64)
 
 

@@ -15,42 +15,80 @@ The C++ side registers the CPU and CUDA kernels (``csrc/ops.cpp``) and the autog
 float32 for float32/bfloat16/float16 inputs, float64 for float64; log-dets and GMM outputs are float32 (float64 when
 an input is float64). No gradient flows to ``mask``.
 
-The extension records the torch and CUDA versions it was built against (``_C.build_info()``); a mismatch with the
-running torch makes the backend unavailable with a message naming the rebuild command.
+The extension records the torch and CUDA versions it was built against (``_C.build_info()``); another torch series
+(major.minor: the C++ ABI is not stable across them) or CUDA major version makes the backend unavailable with a message
+naming the fix. ``EXTENSION_BUILT`` is False when there is no ``_C`` at all (a pure-Python install, by choice), True
+when there is one, even if it failed to load.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
+import re
+
 import torch
 from torch import Tensor
+
+from flowgmm_fast._info import rebuild_hint, source_checkout
 
 __all__ = ["affine_coupling", "squeeze2x2", "logit_transform", "gmm_log_prob", "gmm_nll", "unavailable_reason",
            "supports_device", "build_info"]
 
-REBUILD = "pip install --no-build-isolation -e ."
+
+def _wheel_torch_requirement() -> str | None:
+    """The ``torch==X.Y.*`` an installed binary wheel requires (None in a source checkout, or without such a pin)."""
+    if source_checkout() is not None:  # the metadata found may be another copy's; the fix there is a rebuild anyway
+        return None
+    try:
+        requirements = importlib.metadata.requires("flowgmm-fast") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    pins = [r.replace(" ", "") for r in requirements if re.fullmatch(r"torch\s*==\s*[\d.]+\*?", r)]
+    return pins[0] if pins else None
+
+
+def _load_failure(exc: ImportError) -> str:
+    pin = _wheel_torch_requirement()
+    torch_hint = (f"this flowgmm-fast was built for {pin} and torch {torch.__version__} is running; fix: "
+                  f"`pip install \"{pin}\"`, or {rebuild_hint()}") if pin else f"fix: {rebuild_hint()}"
+    return f"flowgmm_fast._C could not be imported ({type(exc).__name__}: {exc}); {torch_hint}"
+
 
 try:
-    from flowgmm_fast import _C
+    _C = importlib.import_module("flowgmm_fast._C")  # a missing module raises ModuleNotFoundError naming it
 
     _BUILD: dict = _C.build_info()
     _IMPORT_ERROR: str | None = None
+    EXTENSION_BUILT = True
 except ImportError as exc:  # reported through unavailable_reason()
     _BUILD = {}
-    _IMPORT_ERROR = f"flowgmm_fast._C could not be imported ({type(exc).__name__}: {exc})"
+    EXTENSION_BUILT = not (isinstance(exc, ModuleNotFoundError) and exc.name == "flowgmm_fast._C")
+    _IMPORT_ERROR = (_load_failure(exc) if EXTENSION_BUILT else "flowgmm_fast._C was not built (an install without "
+                     f"the compiled extension); to build it, {rebuild_hint()}")
 
 
 def build_info() -> dict:
-    """What ``flowgmm_fast._C`` was built against: ``{"torch": str, "cuda": str, "with_cuda": bool}`` ({} if absent)."""
+    """How ``flowgmm_fast._C`` was built (``{}`` if it is not loaded): ``torch`` and ``cuda`` (versions it was built
+    against), ``with_cuda``, ``cuda_archs``, ``cuda_skipped`` (why a build fell back to the CPU kernels), ``debug``."""
     return dict(_BUILD)
 
 
+def _series(version: str | None, parts: int) -> tuple[str, ...] | None:
+    match = re.match(r"(\d+)\.(\d+)", version or "")
+    return match.groups()[:parts] if match else None
+
+
 def _version_mismatch() -> str | None:
-    if _BUILD.get("torch") != torch.__version__:
-        return (f"flowgmm_fast._C was built against torch {_BUILD.get('torch')} but torch {torch.__version__} is "
-                f"running; rebuild it with `{REBUILD}` from the repository root")
-    if _BUILD.get("with_cuda") and _BUILD.get("cuda") != (torch.version.cuda or ""):
-        return (f"flowgmm_fast._C was built against CUDA {_BUILD.get('cuda')} but torch uses CUDA "
-                f"{torch.version.cuda}; rebuild it with `{REBUILD}`")
+    built = _BUILD.get("torch")
+    if _series(built, 2) is None or _series(built, 2) != _series(torch.__version__, 2):
+        wanted = ".".join(_series(built, 2) or ("?", "?"))
+        return (f"flowgmm_fast._C was built against torch {built} but torch {torch.__version__} is running; fix: "
+                f"install torch=={wanted}.* (`pip install \"torch=={wanted}.*\"`), or {rebuild_hint()}")
+    if _BUILD.get("with_cuda") and _series(_BUILD.get("cuda"), 1) != _series(torch.version.cuda, 1):
+        return (f"flowgmm_fast._C was built with CUDA {_BUILD.get('cuda')} kernels but torch uses CUDA "
+                f"{torch.version.cuda or 'none (a CPU-only build)'}; fix: install a torch built with CUDA "
+                f"{_BUILD.get('cuda')}, or {rebuild_hint()}")
     return None
 
 
@@ -66,7 +104,7 @@ def supports_device(device_type: str) -> bool:
 
 def _check_device(t: Tensor) -> None:
     if not supports_device(t.device.type):
-        hint = (f" (flowgmm_fast._C was built without CUDA; rebuild with CUDA_HOME set: `{REBUILD}`)"
+        hint = (f" (flowgmm_fast._C was built without CUDA kernels; to rebuild it, {rebuild_hint()})"
                 if t.device.type == "cuda" else "")
         raise RuntimeError(f"the native backend runs on cpu{' and cuda' if _BUILD.get('with_cuda') else ''} tensors, "
                            f"got a tensor on {t.device}{hint}")

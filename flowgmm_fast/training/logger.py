@@ -31,14 +31,18 @@ class TrainLogger:
     """TensorBoard + tqdm + summary lines, active on rank 0 only.
 
     ``logdir``: where TensorBoard event files go (None: no event files). ``stream``: where summary lines are
-    printed (via ``tqdm.write`` so they don't break the bar).
+    printed (via ``tqdm.write`` so they don't break the bar); ``desc`` names the bar. ``keep_history``: also keep
+    every logged scalar in :attr:`history` (one dict per :meth:`scalars` call: ``{"step": ..., name: float}``), e.g.
+    for a caller that returns the training curve.
     """
 
     def __init__(self, logdir: str | None = None, *, enabled: bool | None = None, stream=None,
-                 progress_bar: bool = True):
+                 progress_bar: bool = True, keep_history: bool = False, desc: str = "train"):
         self.enabled = is_main_process() if enabled is None else bool(enabled)
         self.stream = stream if stream is not None else sys.stdout
         self.progress_bar = progress_bar
+        self.desc = desc
+        self.history: list[dict] | None = [] if keep_history else None
         self.writer = None
         self._bar = None
         if self.enabled and logdir is not None:
@@ -46,12 +50,13 @@ class TrainLogger:
 
             self.writer = SummaryWriter(log_dir=logdir)
 
-    def start_progress(self, total: int, initial: int = 0, desc: str = "train") -> None:
+    def start_progress(self, total: int, initial: int = 0, desc: str | None = None) -> None:
         """Open the tqdm bar over optimizer steps (``initial`` > 0 when resuming)."""
         if self.enabled and self.progress_bar:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, file=self.stream)
+            self._bar = tqdm(total=total, initial=initial, desc=desc or self.desc, dynamic_ncols=True,
+                             file=self.stream)
 
     def advance(self, n: int = 1, postfix: Mapping[str, float] | None = None) -> None:
         if self._bar is not None:
@@ -60,7 +65,9 @@ class TrainLogger:
                 self._bar.set_postfix({k: f"{_value(v):.4g}" for k, v in postfix.items()}, refresh=False)
 
     def scalars(self, step: int, values: Mapping[str, float | torch.Tensor], prefix: str = "") -> None:
-        """Write each value as TensorBoard scalar ``prefix + name`` at ``step``."""
+        """Write each value as TensorBoard scalar ``prefix + name`` at ``step`` (and keep it in ``history``)."""
+        if self.history is not None and self.enabled:
+            self.history.append({"step": int(step), **{prefix + k: _value(v) for k, v in values.items()}})
         if self.writer is None:
             return
         for name, v in values.items():

@@ -5,7 +5,11 @@
     nll_unlabeled = mean over unlabeled rows of -(logsumexp_k [log N(f(x); mu_k) + log pi_k] + log|det J|)
     nll_labeled   = mean over labeled rows   of -(log N(f(x); mu_y) + log|det J|)
     consistency   = mean over the chosen rows of -(log N(f(x1); mu_y2) + log|det J|), y2 = argmax_k logits(x2)
+    ce_labeled    = mean over labeled rows of -log softmax_k(log N(f(x); mu_k))_y   (the class posterior of a
+                    balanced labeled sample: the mixture weights are left out, as the labels' class balance is the
+                    labeller's, not the data's)
     loss = unlabeled_weight * nll_unlabeled + label_weight * nll_labeled + consistency_weight * consistency
+           + ce_weight * ce_labeled
 
 :func:`flowgmm_cons_loss` -- the image objective of the original ``train_semisup_cons.py`` (FlowGMM-cons):
     ce_labeled  = cross-entropy of the class logits on the labeled rows
@@ -40,14 +44,17 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def semisup_loss(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, *, label_weight: float = 1.0,
                  unlabeled_weight: float = 1.0, consistency_weight: float = 0.0,
-                 x_consistency: torch.Tensor | None = None, consistency_rows: slice | None = None):
+                 x_consistency: torch.Tensor | None = None, consistency_rows: slice | None = None,
+                 ce_weight: float = 0.0):
     """The FlowGMM(-cons) loss of one batch; returns ``(loss, parts, out)``.
 
     model: a FlowGMM (possibly DDP/compile-wrapped); x: (B, ...); labels: (B,) long, -1 for unlabeled.
     x_consistency: a second augmentation of rows ``consistency_rows`` of the batch (default: all rows), (B', ...);
     its predicted classes (no gradient) define the consistency target of those rows of x. Without it the
-    consistency part is 0. parts: {"nll_unlabeled", "nll_labeled", "consistency", "loss"} scalar tensors (always all
-    four, so the guard and the logs see the same parts each step). out: the model's FlowGMMOutput for x.
+    consistency part is 0. ce_weight: weight of the labeled rows' cross-entropy (the hybrid generative /
+    discriminative objective; the original's image objective uses it for its labeled rows). parts:
+    {"nll_unlabeled", "nll_labeled", "consistency", "loss"} scalar tensors (always all four, so the guard and the
+    logs see the same parts each step; "ce_labeled" too when ce_weight > 0). out: the model's FlowGMMOutput for x.
     """
     if labels.dim() != 1 or labels.shape[0] != x.shape[0]:
         raise ValueError(f"labels must have shape ({x.shape[0]},), got {tuple(labels.shape)}")
@@ -69,6 +76,12 @@ def semisup_loss(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, *, lab
     loss = unlabeled_weight * parts["nll_unlabeled"] + label_weight * parts["nll_labeled"]
     if consistency_weight:
         loss = loss + consistency_weight * parts["consistency"]
+    if ce_weight:
+        prior = unwrap_model(model).prior
+        conditional = _f32(out.logits) - torch.log_softmax(_f32(prior.weight_logits), 0)
+        ce = F.cross_entropy(conditional, labels.clamp_min(0), reduction="none")
+        parts["ce_labeled"] = _masked_mean(ce, labeled)
+        loss = loss + ce_weight * parts["ce_labeled"]
     parts["loss"] = loss
     return loss, parts, out
 

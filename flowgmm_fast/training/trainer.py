@@ -18,7 +18,10 @@ The script supplies the pieces that differ -- a batch source, a loss function, a
   checkpoint on disk is the last one that evaluated to a finite loss;
 - Ctrl-C (SIGINT) and SIGTERM (what schedulers and ``kill`` send) finish the current step and write a checkpoint,
   then raise ``KeyboardInterrupt`` (SIGINT) or ``SystemExit(143)`` (SIGTERM); a second signal stops at once, without
-  a checkpoint.
+  a checkpoint;
+- an ``on_epoch_end(trainer)`` hook after every epoch (and after the last step), which may call
+  :meth:`Trainer.request_stop` to end the run early and normally (final checkpoint written, no exception): early
+  stopping and EM updates of the mixture weights live there (:func:`flowgmm_fast.semisup.fit_flowgmm`).
 
 Exact resume needs a batch source that is a pure function of the step: ``batches(start_step)`` must yield the
 batches of steps ``start_step + 1, start_step + 2, ...`` (steps are counted from 1) exactly as an uninterrupted run
@@ -84,8 +87,10 @@ class Trainer:
         self.extra_state = extra_state
         self.guard = NonFiniteGuard()
         self.step = 0
+        self.max_steps: int | None = None  # the max_steps of the current (or last) fit
         self.last_metrics: dict[str, float] = {}
         self._stop_signal: int | None = None
+        self._finish_requested = False
         self._params = [p for opt in self.optimizers.values() for g in opt.param_groups for p in g["params"]]
         self._device = next(iter(model.parameters())).device
 
@@ -137,7 +142,8 @@ class Trainer:
     # ----------------------------------------------------------------------------------------- one step
     def train_step(self, batch, compute_loss: LossFn) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """One optimisation step on ``batch``; returns (detached loss parts, gradient norm or None). No host sync."""
-        self.model.train()
+        if not self.model.training:  # a recursive module walk: skipped when the model is in training mode already
+            self.model.train()
         autocast = (torch.autocast(self._device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
                     else contextlib.nullcontext())
         with autocast:
@@ -171,6 +177,12 @@ class Trainer:
             raise SystemExit(128 + signal.SIGTERM)
         raise KeyboardInterrupt
 
+    def request_stop(self) -> None:
+        """End :meth:`fit` normally after the current step (from an ``on_epoch_end`` hook or ``evaluate``): the
+        final checkpoint is written and ``fit`` returns. Under torch.distributed every rank must decide alike (e.g.
+        from all-reduced metrics)."""
+        self._finish_requested = True
+
     def _stop_agreed(self) -> int | None:
         """The stop signal (SIGINT or SIGTERM) if any rank received one, else None."""
         if not dist_utils.is_distributed():
@@ -181,15 +193,19 @@ class Trainer:
 
     def fit(self, batches: Callable[[int], Iterable], compute_loss: LossFn, *, max_steps: int,
             log_every: int = 50, eval_every: int | None = None, save_every: int | None = None,
-            evaluate: Callable[["Trainer"], Mapping[str, float]] | None = None) -> dict[str, float]:
+            evaluate: Callable[["Trainer"], Mapping[str, float]] | None = None,
+            on_epoch_end: Callable[["Trainer"], None] | None = None) -> dict[str, float]:
         """Train from ``self.step`` up to ``max_steps``; returns the last evaluation's metrics.
 
         batches(start_step) -> iterable of batches for steps start_step+1, ...; compute_loss(batch, trainer) ->
         (loss, parts) with parts a dict of scalar tensors (same names every step); evaluate(trainer) -> metrics
         (it may switch the model to eval mode; the next step switches it back). eval_every / save_every in steps
-        (None: only at the end). Raises NonFiniteLossError / NonFiniteStateError (the checkpoint on disk is the last
-        one that evaluated to a finite loss), KeyboardInterrupt (SIGINT) or SystemExit(143) (SIGTERM) after writing
-        a checkpoint when ``ckpt_path`` is set.
+        (None: only at the end). on_epoch_end(trainer) runs every ``steps_per_epoch`` steps and after the last
+        step, before evaluation and saving; it may change the model (e.g. the mixture weights) and call
+        :meth:`request_stop` (the run then ends after this step, as if it were the last). Raises
+        NonFiniteLossError / NonFiniteStateError (the checkpoint on disk is the last one that evaluated to a finite
+        loss), KeyboardInterrupt (SIGINT) or SystemExit(143) (SIGTERM) after writing a checkpoint when ``ckpt_path``
+        is set.
         """
         if max_steps < self.step:
             raise ValueError(f"max_steps ({max_steps}) is below the resumed step ({self.step})")
@@ -211,6 +227,8 @@ class Trainer:
         stop_at_boundary = None  # a second signal mid-step must not checkpoint a half-updated model
         pending: bytes | None = None  # a periodic checkpoint waiting for the next step's loss to be finite
         pending_ok = True
+        self._finish_requested = False
+        self.max_steps = max_steps
         try:
             iterator = iter(batches(self.step))
             while self.step < max_steps:
@@ -220,12 +238,15 @@ class Trainer:
                     self.guard.check()
                     self._write(pending, self.ckpt_path)
                     pending = None
+                if on_epoch_end is not None and (self.step % self.steps_per_epoch == 0 or self.step == max_steps):
+                    self.guard.check()  # never run a hook on a model a non-finite step has updated
+                    on_epoch_end(self)
                 for k, v in parts.items():
                     sums[k] = sums[k] + v.float() if k in sums else v.float().clone()
                 if grad_norm is not None:
                     grad_sum = grad_sum + grad_norm.float()
                 n_since_log += 1
-                last = self.step == max_steps
+                last = self.step == max_steps or self._finish_requested
                 if self.step % self.check_every == 0 or last:
                     self.guard.check()
                 if self.step % log_every == 0 or last:
@@ -252,6 +273,8 @@ class Trainer:
                     stop_at_boundary = self._stop_agreed()
                     if stop_at_boundary is not None:
                         raise KeyboardInterrupt
+                if self._finish_requested:
+                    break
             if self.ckpt_path is not None:
                 self.save()
         except KeyboardInterrupt:
