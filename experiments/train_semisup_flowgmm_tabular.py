@@ -36,6 +36,10 @@ space, spread to >= 4 sigma apart) for the sklearn sets and custom data.
     python experiments/train_semisup_flowgmm_tabular.py --dataset miniboone --data-root data/miniboone
     python experiments/train_semisup_flowgmm_tabular.py --dataset custom --features feats.npz --split lab.txt
     python experiments/train_semisup_flowgmm_tabular.py --dataset digits --resume     # continue runs/<name>
+
+--resume (flowgmm_fast.training.resume): flags not given take the checkpoint's values; RESUME_MUTABLE flags may be
+changed (applied -- a new --lr to the restored optimizer and schedule -- and logged); RESUME_ENVIRONMENT flags always
+come from the command line; any other flag given with a value other than the checkpoint's is an error.
 """
 
 from __future__ import annotations
@@ -50,7 +54,8 @@ import torch
 
 from flowgmm_fast.data import tabular as T
 from flowgmm_fast.semisup import FitConfig, build_tabular_flowgmm, fit_flowgmm, init_means_from_labeled
-from flowgmm_fast.training import TrainLogger, seed_everything
+from flowgmm_fast.training import (TrainLogger, read_checkpoint, reconcile_resume_args, seed_everything,
+                                   set_learning_rate)
 
 PRESETS = {
     "ag_news": dict(num_labeled=200, unlabeled_weight=0.6, epochs=100, lr=3e-4, num_coupling_layers=7,
@@ -69,9 +74,15 @@ PRESETS = {
                    hidden_dim=256, means_init="labeled"),
 }
 COMMON = dict(batch_size=5000, weight_decay=1e-5, dropout=0.5, num_layers=1, label_weight=1.0)
+# what --resume may change (the optimisation's hyperparameters, the run's length and rhythm) and what always comes from
+# the command line (where and how it runs); every other flag defines the saved state
+RESUME_MUTABLE = ("unlabeled_weight", "label_weight", "lr", "epochs", "max_steps", "max_grad_norm", "eval_every",
+                  "save_every")
+RESUME_ENVIRONMENT = ("data_root", "features", "split", "run_dir", "resume", "device", "threads", "no_progress",
+                      "log_every", "stop_at")
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", required=True, choices=list(PRESETS))
@@ -118,6 +129,11 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     preset = {**COMMON, **PRESETS[args.dataset]}
     for key, value in preset.items():
@@ -179,6 +195,11 @@ def load_data(args) -> T.TabularData:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    changes = {}
+    if args.resume:  # the saved arguments, before anything is built from them
+        saved = read_checkpoint(os.path.join(args.run_dir, "last.pt"))["extra"].get("args")
+        changes = reconcile_resume_args(args, saved, build_parser(), argv, mutable=RESUME_MUTABLE,
+                                        environment=RESUME_ENVIRONMENT)
     if args.threads:
         torch.set_num_threads(args.threads)
     seed_everything(args.seed)
@@ -228,11 +249,18 @@ def main(argv=None) -> dict:
         if extra.get("labeled_idx") != labeled_idx.tolist():
             raise SystemExit("--resume: the checkpoint was trained on a different labeled split")
 
+    def on_resume(trainer, _extra):  # the mutable flags changed: the loss weights and lengths reach FitConfig
+        if "lr" in changes:  # the restored optimizer and schedule carry the saved lr
+            set_learning_rate(trainer.optimizers["flow"], trainer.schedulers["flow"], args.lr)
+        if changes:
+            trainer.logger.write(f"resume: changed {', '.join(map(str, changes.values()))} (applied from step "
+                                 f"{trainer.step})")
+
     fit = fit_flowgmm(model, x, labels, config, evaluate=evaluate, eval_every=args.eval_every,
                       ckpt_path=os.path.join(args.run_dir, "last.pt"), save_every=args.save_every,
                       logger=TrainLogger(args.run_dir, progress_bar=not args.no_progress), resume=args.resume,
                       extra_state=lambda: {"args": vars(args), "labeled_idx": labeled_idx.tolist()},
-                      check_resume=check_resume, stop_at=args.stop_at)
+                      check_resume=check_resume, on_resume=on_resume, stop_at=args.stop_at)
     metrics = fit.metrics
     result = {"dataset": args.dataset, "seed": args.seed, "labels": int(labeled_idx.size), "steps": fit.steps,
               "epochs": fit.epochs[-1]["epoch"] if fit.epochs else 0.0, "dim": data.dim,

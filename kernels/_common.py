@@ -21,6 +21,15 @@ def tanh_f32(x):
     return tl.where(x < 0, -r, r)
 
 
+@triton.jit
+def tanh_slope_f32(x):
+    """1 - tanh(x)^2 for fp32 x as q (2 - q), q = 1 - |tanh x| = 2 e / (1 + e), e = exp(-2|x|): no cancellation (as
+    1 - tanh^2 it would carry tanh's absolute rounding error, its whole size once |x| > 8), and 0 where e underflows."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    q = 2.0 * e / (1.0 + e)
+    return q * (2.0 - q)
+
+
 def next_pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 

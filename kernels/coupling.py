@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import num_warps_for, tanh_f32, tile_2d
+from ._common import num_warps_for, tanh_f32, tanh_slope_f32, tile_2d
 
 __all__ = ["coupling_forward", "coupling_backward"]
 
@@ -127,7 +127,7 @@ def _coupling_bwd_kernel(x_ptr, s_ptr, t_ptr, scale_ptr, mask_ptr, gy_ptr, gldj_
         gt = gt * free
         g_sm = g_sm * free
     if HAS_SCALE:
-        gs = g_sm * sc * (1.0 - th * th)
+        gs = g_sm * sc * tanh_slope_f32(s_raw)
         gsc = tl.sum(tl.where(inb, g_sm * th, 0.0), axis=1)
         tl.store(gscale_ptr + (b * tl.num_programs(2) + ps) * C + c, gsc, mask=cm)
     else:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from flowgmm_fast.data import tabular as T
+from flowgmm_fast.training import read_checkpoint
 from helpers import load_experiment
 
 
@@ -68,8 +69,8 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     script.main([*args, "--run-dir", str(tmp_path / "part"), "--stop-at", "5"])
     resumed = script.main([*args, "--run-dir", str(tmp_path / "part"), "--resume"])
     assert resumed["steps"] == full["steps"] == 9
-    a = torch.load(tmp_path / "full" / "last.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "part" / "last.pt", weights_only=False)["model"]
+    a = read_checkpoint(tmp_path / "full" / "last.pt")["model"]
+    b = read_checkpoint(tmp_path / "part" / "last.pt")["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
