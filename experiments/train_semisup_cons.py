@@ -45,7 +45,8 @@ RESUME_MUTABLE = ("lr", "lr_gmm", "max_grad_norm", "label_weight", "consistency_
                   "num_epochs", "max_steps", "save_freq", "eval_freq", "eval_limit", "dtype", "amp")
 # ... and where and how it runs (always from the command line); every other flag defines the saved state
 RESUME_ENVIRONMENT = ("data_path", "label_path", "logdir", "ckptdir", "resume", "backend", "device", "compile",
-                      "num_workers", "distributed", "log_freq", "eval_batch_size")
+                      "num_workers", "distributed", "log_freq", "eval_batch_size", "invertible_backprop",
+                      "invertible_checkpoint_every")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -79,7 +79,7 @@ COMMON = dict(batch_size=5000, weight_decay=1e-5, dropout=0.5, num_layers=1, lab
 RESUME_MUTABLE = ("unlabeled_weight", "label_weight", "lr", "epochs", "max_steps", "max_grad_norm", "eval_every",
                   "save_every")
 RESUME_ENVIRONMENT = ("data_root", "features", "split", "run_dir", "resume", "device", "threads", "no_progress",
-                      "log_every", "stop_at")
+                      "log_every", "stop_at", "invertible_backprop", "invertible_checkpoint_every")
 
 
 def build_parser() -> argparse.ArgumentParser:
