@@ -19,8 +19,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (check_grid, num_warps_for, on_input_device, partial_row, tanh_f32, tanh_slope_f32, tile_2d,
-                      wide_index)
+from ._common import (
+    check_grid,
+    num_warps_for,
+    on_input_device,
+    partial_row,
+    tanh_f32,
+    tanh_slope_f32,
+    tile_2d,
+    wide_index,
+)
 
 __all__ = ["coupling_forward", "coupling_backward"]
 

@@ -16,9 +16,9 @@ import torch
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 
-from flowgmm_fast.kernels import _common, coupling, gmm, logit, squeeze  # noqa: E402
-from flowgmm_fast.kernels._common import partial_row, wide_index  # noqa: E402
-from flowgmm_fast.kernels.coupling import _tile_index  # noqa: E402
+from flowgmm_fast.kernels import _common, coupling, gmm, logit, squeeze
+from flowgmm_fast.kernels._common import partial_row, wide_index
+from flowgmm_fast.kernels.coupling import _tile_index
 
 
 @triton.jit
