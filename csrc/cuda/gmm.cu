@@ -2,10 +2,10 @@
 // Forward: one warp per sample; for each component the warp reduces sum_d (z_d - mu_kd)^2 / s_kd^2 over D, then lane
 // 0 forms the logits row (log N + log pi) and the nll (logsumexp over K or the label gather with label_weight) with
 // flowgmm_math.h's row functions. Backward: one kernel; a block owns 256 columns d and walks chunks of samples
-// (grid-stride over the chunks, so any batch fits the grid): per chunk it forms the per-sample gradients
-// G = dL/dlog N (softmax weights, label terms) in shared memory from the saved logits, writes dL/dz for its (b, d)
-// once, and accumulates dL/dmu and dL/dlog_std over the chunk in registers, then adds them to its own slot (blockIdx.y, k, d)
-// of a partials buffer (no other block touches it: deterministic, no float atomics); ATen sums the partials in a fixed
+// (grid-stride over the chunks, so any batch fits the grid): per chunk it forms the per-sample gradients G = dL/dlog N
+// (softmax weights, label terms) in shared memory from the saved logits, writes dL/dz for its (b, d) once, and
+// accumulates dL/dmu and dL/dlog_std over the chunk in registers, then adds them to its own slot (blockIdx.y, k, d) of
+// a partials buffer (no other block touches it: deterministic, no float atomics); ATen sums the partials in a fixed
 // order. The (K,) softmax step for weight_logits is done with ATen ops.
 #include "common.cuh"
 #include "flowgmm_math.h"
