@@ -140,7 +140,9 @@ std::tuple<Tensor, Tensor> coupling_fwd(const Tensor& x_, const Tensor& s_, cons
   Tensor y = at::empty_like(x);
   Tensor ldj = at::zeros({x.size(0)}, x.options().dtype(acc_t));
   if (x.numel() > 0) {
-    const auto [grid, rows] = cuda_detail::column_grid(x.size(0), x.numel() / x.size(0));
+    const auto layout = cuda_detail::column_grid(x.size(0), x.numel() / x.size(0));
+    const dim3 grid = layout.first;
+    const int64_t rows = layout.second;
     Tensor part = at::empty({x.size(0), static_cast<int64_t>(grid.x) * kWarps}, x.options().dtype(acc_t));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "coupling_fwd_cuda", [&] {
       using acc = at::opmath_type<scalar_t>;
@@ -174,7 +176,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> coupling_bwd(const Tensor& grad_y, co
   Tensor gscale = at::zeros({scale ? x.size(1) : 0}, x.options().dtype(acc_t));
   if (x.numel() > 0) {
     const int64_t B = x.size(0), N = x.numel() / B;
-    const auto [grid, rows] = cuda_detail::column_grid(B, N);
+    const auto layout = cuda_detail::column_grid(B, N);
+    const dim3 grid = layout.first;
+    const int64_t rows = layout.second;
     Tensor part = scale ? at::empty({static_cast<int64_t>(grid.y), N}, x.options().dtype(acc_t)) : Tensor();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "coupling_bwd_cuda", [&] {
       using acc = at::opmath_type<scalar_t>;

@@ -111,7 +111,9 @@ std::tuple<Tensor, Tensor> logit_fwd(const Tensor& x_, double alpha, bool revers
   Tensor y = at::empty_like(x);
   Tensor ldj = at::zeros({B}, x.options().dtype(acc_t));
   if (x.numel() > 0) {
-    const auto [grid, rows] = cuda_detail::column_grid(B, N);
+    const auto layout = cuda_detail::column_grid(B, N);
+    const dim3 grid = layout.first;
+    const int64_t rows = layout.second;
     Tensor part = at::empty({B, static_cast<int64_t>(grid.x) * kWarps}, x.options().dtype(acc_t));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "logit_fwd_cuda", [&] {
       using acc = at::opmath_type<scalar_t>;
