@@ -13,8 +13,15 @@ class logits (B, K) (kept for the backward: B K floats, small next to z). A row 
 Backward: with G[b, k] = d loss / d log N[b, k] (from saved logits: softmax responsibilities, labels, incoming grads):
     _gmm_bwd_z_kernel (per BLOCK_B rows):  writes G, and gz = -z (G iv) + G (mu iv)   (iso: -z rowsum(G iv) + (G iv) mu)
     _gmm_bwd_params_kernel (per BLOCK_D columns x row split): partials of G^T z (and G^T z^2 for diagonal)
-both on z - c and mu - c; the launcher finishes the (K, D)-sized algebra for means, log_std and weight_logits. All dots accumulate in fp32
-with IEEE fp32 products (no TF32: |z|^2 - 2 z.mu + |mu|^2 cancels).
+both on z - c and mu - c; the launcher finishes the (K, D)-sized algebra for means, log_std and weight_logits.
+
+Dot precision (``_dot_precision``): every tl.dot accumulates in fp32. On sm_80+ its products use
+input_precision="tf32x3": each fp32 operand is split into a TF32 high part and a TF32 remainder and three TF32
+tensor-core products (hi*hi + hi*lo + lo*hi) are summed: each product is then exact to a few units of 2^-22 relative
+(the dropped lo*lo term and the remainders' own TF32 rounding; fp32's rounding is 2^-24), not fp32-exact. Elsewhere
+(older GPUs, and the CPU interpreter) it is "ieee": plain fp32 multiply-adds. Plain single-pass TF32 (10-bit mantissa)
+is never used, because |z|^2 - 2 z.mu + |mu|^2 cancels. The error of the tf32x3 path against float64 at D = 3072 has not
+been measured: it needs a GPU (the interpreter computes the dots in fp32).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import next_pow2
+from ._common import next_pow2, on_input_device, wide_index
 
 __all__ = ["gmm_forward", "gmm_backward", "MAX_COMPONENTS"]
 
@@ -36,17 +43,27 @@ _HALF_LOG_2PI = tl.constexpr(0.5 * _LOG_2PI)  # a constexpr global: Triton kerne
 
 
 @triton.jit
+def _component_index(BLOCK_K: tl.constexpr, IDX64: tl.constexpr):
+    """0 .. BLOCK_K - 1, in int64 when IDX64 (the launcher sets it once K * D can pass int32): rk * D + d indexes the
+    (K, D) means and log_std."""
+    rk = tl.arange(0, BLOCK_K)
+    if IDX64:
+        rk = rk.to(tl.int64)
+    return rk
+
+
+@triton.jit
 def _gmm_fwd_kernel(z_ptr, mu_ptr, c_ptr, ls_ptr, wl_ptr, lab_ptr, logits_ptr, nll_ptr,
                     B, K, D, label_weight, log_k,
                     DIAG: tl.constexpr, HAS_WL: tl.constexpr, HAS_LABELS: tl.constexpr,
                     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                    PRECISION: tl.constexpr):
+                    PRECISION: tl.constexpr, IDX64: tl.constexpr):
     """logits[b, k] = log N(z_b; mu_k, diag(e^{2 log_std_k})) + log pi_k and nll[b] for BLOCK_B rows (module doc)."""
     pid = tl.program_id(0)
     lw = tl.cast(label_weight, tl.float32)
     rb = pid.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     bm = rb < B
-    rk = tl.arange(0, BLOCK_K)
+    rk = _component_index(BLOCK_K, IDX64)
     km = rk < K
     cross = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)
     quad = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)
@@ -108,14 +125,14 @@ def _gmm_bwd_z_kernel(z_ptr, mu_ptr, c_ptr, ls_ptr, lab_ptr, logits_ptr, gnll_pt
                       B, K, D, label_weight,
                       DIAG: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_GLOGITS: tl.constexpr,
                       BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                    PRECISION: tl.constexpr):
+                      PRECISION: tl.constexpr, IDX64: tl.constexpr):
     """G[b, k] = glogits - [label b = -1] gnll_b softmax(logits_b)_k - [k = label b] label_weight gnll_b (stored), and
     gz[b] = sum_k G[b, k] iv_k (mu_k - z_b) over BLOCK_D tiles (two dots for diagonal, one for isotropic)."""
     pid = tl.program_id(0)
     lw = tl.cast(label_weight, tl.float32)
     rb = pid.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     bm = rb < B
-    rk = tl.arange(0, BLOCK_K)
+    rk = _component_index(BLOCK_K, IDX64)
     km = rk < K
     bk = bm[:, None] & km[None, :]
     logits = tl.load(logits_ptr + rb[:, None] * K + rk[None, :], mask=bk, other=-float("inf"))
@@ -172,14 +189,16 @@ def _gmm_bwd_z_kernel(z_ptr, mu_ptr, c_ptr, ls_ptr, lab_ptr, logits_ptr, gnll_pt
 @triton.jit
 def _gmm_bwd_params_kernel(z_ptr, c_ptr, g_ptr, a_ptr, a2_ptr, B, K, D, rows_per_split,
                            DIAG: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
-                           BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+                           BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, IDX64: tl.constexpr):
     """Partials over one row split of A = G^T (z - c) and (DIAG) A2 = G^T (z - c)^2 for BLOCK_D columns:
     a_ptr[split, k, d] (rows past B have G = 0)."""
     pd = tl.program_id(0)
     split = tl.program_id(1)
+    if IDX64:
+        pd = pd.to(tl.int64)
     rd = pd * BLOCK_D + tl.arange(0, BLOCK_D)
     dm = rd < D
-    rk = tl.arange(0, BLOCK_K)
+    rk = _component_index(BLOCK_K, IDX64)
     km = rk < K
     acc = tl.zeros((BLOCK_K, BLOCK_D), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_K, BLOCK_D), dtype=tl.float32)
@@ -201,7 +220,7 @@ def _gmm_bwd_params_kernel(z_ptr, c_ptr, g_ptr, a_ptr, a2_ptr, B, K, D, rows_per
         tl.store(a2_ptr + out, acc2, mask=om)
 
 
-def _config(b: int, k: int, diag: bool, device: torch.device) -> dict:
+def _config(b: int, k: int, diag: bool, device: torch.device, d: int) -> dict:
     """Block sizes, warps and dot precision. The largest BLOCK_B of each K (fp32 (B, K) tiles of <= 1024) was chosen so
     no kernel spills registers on sm_90 (cuobjdump of the compiled cubins; K = 100 diagonal spills a little in the
     forward); BLOCK_B halves (down to 16, tl.dot's minimum) while there are fewer than 2 row blocks per SM."""
@@ -212,7 +231,8 @@ def _config(b: int, k: int, diag: bool, device: torch.device) -> dict:
     if device.type == "cuda":
         while block_b > 16 and triton.cdiv(b, block_b) < 2 * _sm_count(_index(device)):
             block_b //= 2
-    return dict(BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_D=32, PRECISION=_dot_precision(device), num_warps=8)
+    return dict(BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_D=32, PRECISION=_dot_precision(device),
+                IDX64=wide_index(block_k * d, d + 32), num_warps=8)
 
 
 def _index(device: torch.device) -> int:
@@ -230,13 +250,14 @@ def _tf32_capable(index: int) -> bool:
 
 
 def _dot_precision(device: torch.device) -> str:
-    """"tf32x3" (three TF32 tensor-core products, about fp32 accuracy) on sm_80+, else IEEE fp32 FMA. Plain TF32 is
-    never used: |z|^2 - 2 z.mu + |mu|^2 cancels and needs fp32-accurate dot products."""
+    """"tf32x3" (three TF32 tensor-core products, close to fp32 accuracy: module docstring) on sm_80+, else "ieee"
+    (fp32 FMA). Plain one-pass TF32 is never used: |z|^2 - 2 z.mu + |mu|^2 cancels."""
     if device.type == "cuda" and _tf32_capable(_index(device)):
         return "tf32x3"
     return "ieee"
 
 
+@on_input_device
 def gmm_forward(z, means, log_std, weight_logits, labels, label_weight: float):
     """z (B, D), means (K, D), log_std (K,) or (K, D), weight_logits None or (K,), labels None or int64 (B,) ->
     (nll (B,) fp32, logits (B, K) fp32). Inputs fp32/bf16/fp16 (cast to fp32 on load). One launch."""
@@ -248,7 +269,7 @@ def gmm_forward(z, means, log_std, weight_logits, labels, label_weight: float):
     logits = torch.empty((b, k), dtype=torch.float32, device=z.device)
     if b == 0:
         return nll, logits
-    cfg = _config(b, k, diag, z.device)
+    cfg = _config(b, k, diag, z.device, d)
     _gmm_fwd_kernel[(triton.cdiv(b, cfg["BLOCK_B"]),)](
         z, means, _centre(means), log_std, weight_logits.contiguous() if weight_logits is not None else log_std,
         labels.contiguous() if labels is not None else nll, logits, nll,
@@ -257,6 +278,7 @@ def gmm_forward(z, means, log_std, weight_logits, labels, label_weight: float):
     return nll, logits
 
 
+@on_input_device
 def gmm_backward(grad_nll, grad_logits, z, means, log_std, weight_logits, labels, label_weight: float, logits,
                  need_params: bool = True):
     """Backward of :func:`gmm_forward` from its inputs and saved logits. grad_nll (B,), grad_logits None or (B, K).
@@ -266,7 +288,7 @@ def gmm_backward(grad_nll, grad_logits, z, means, log_std, weight_logits, labels
     b, d = z.shape
     k = means.shape[0]
     diag = log_std.dim() == 2
-    cfg = _config(b, k, diag, z.device)
+    cfg = _config(b, k, diag, z.device, d)
     gz = torch.empty_like(z)
     g = torch.empty((b, k), dtype=torch.float32, device=z.device)
     centre = _centre(means)

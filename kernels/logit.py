@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import next_pow2, num_warps_for
+from ._common import check_grid, next_pow2, num_warps_for, on_input_device, partial_row
 
 __all__ = ["logit_forward", "logit_backward"]
 
@@ -60,7 +60,7 @@ def _logit_fwd_kernel(x_ptr, noise_ptr, sldj_ptr, y_ptr, ldj_ptr, N, alpha, scal
             ldj += tl.load(sldj_ptr + b).to(tl.float32)
         tl.store(ldj_ptr + b, ldj)
     else:
-        tl.store(ldj_ptr + b * tl.num_programs(1) + pn, ldj)
+        tl.store(ldj_ptr + partial_row(b, tl.num_programs(1), pn), ldj)
 
 
 @triton.jit
@@ -102,9 +102,12 @@ def _tiles(x: torch.Tensor):
     b = x.shape[0]
     n = math.prod(x.shape[1:])
     block = min(next_pow2(n), _MAX_BLOCK)
-    return b, n, block, (b, triton.cdiv(n, block))
+    grid = (b, triton.cdiv(n, block))
+    check_grid(grid, "logit")  # so n < 65536 * 2048 < 2^31: the in-sample offset pn * BLOCK + i cannot wrap in int32
+    return b, n, block, grid
 
 
+@on_input_device
 def logit_forward(x, alpha: float, reverse: bool, sldj, noise):
     """x (B, *) fp32/bf16/fp16, noise None or like x, sldj None or (B,) fp32 -> (y like x, ldj_out (B,) fp32).
     One launch (plus a (B, tiles) partial sum when a sample spans several tiles)."""
@@ -127,6 +130,7 @@ def logit_forward(x, alpha: float, reverse: bool, sldj, noise):
     return y, ldj
 
 
+@on_input_device
 def logit_backward(grad_y, grad_ldj, x, alpha: float, reverse: bool, noise, noise_grad: bool = False):
     """grad_y like x, grad_ldj (B,) fp32 -> (grad_x like x, grad_noise like x when ``noise_grad`` (and noise given),
     else None). One launch."""

@@ -444,12 +444,16 @@ def test_compiled_training_step_on_cuda_matches_reference():
 def _kernel_specs():
     from flowgmm_fast.kernels import coupling, gmm, logit, squeeze
 
-    gmm_cfg = dict(DIAG=True, BLOCK_B=64, BLOCK_K=16, BLOCK_D=32, PRECISION="tf32x3")
+    gmm_cfg = dict(DIAG=True, BLOCK_B=64, BLOCK_K=16, BLOCK_D=32, PRECISION="tf32x3", IDX64=False)
     return [
         (coupling._coupling_fwd_kernel, dict(HAS_SCALE=True, MASK_MODE=2, REVERSE=False, HAS_SLDJ=True,
-                                             ONE_TILE=True, BLOCK_C=8, BLOCK_S=256)),
-        (coupling._coupling_bwd_kernel, dict(HAS_SCALE=True, MASK_MODE=1, REVERSE=True, BLOCK_C=8, BLOCK_S=256)),
-        (coupling._coupling_bwd_kernel, dict(HAS_SCALE=False, MASK_MODE=0, REVERSE=False, BLOCK_C=4096, BLOCK_S=1)),
+                                             ONE_TILE=True, BLOCK_C=8, BLOCK_S=256, IDX64=False)),
+        (coupling._coupling_fwd_kernel, dict(HAS_SCALE=False, MASK_MODE=0, REVERSE=True, HAS_SLDJ=False,
+                                             ONE_TILE=False, BLOCK_C=8, BLOCK_S=256, IDX64=True)),
+        (coupling._coupling_bwd_kernel, dict(HAS_SCALE=True, MASK_MODE=1, REVERSE=True, BLOCK_C=8, BLOCK_S=256,
+                                             IDX64=True)),
+        (coupling._coupling_bwd_kernel, dict(HAS_SCALE=False, MASK_MODE=0, REVERSE=False, BLOCK_C=4096, BLOCK_S=1,
+                                             IDX64=False)),
         (squeeze._squeeze2x2_kernel, dict(REVERSE=True, ALT_ORDER=True, BLOCK=1024)),
         (logit._logit_fwd_kernel, dict(HAS_NOISE=True, REVERSE=False, HAS_SLDJ=True, ONE_TILE=False, BLOCK=1024)),
         (logit._logit_bwd_kernel, dict(HAS_NOISE=False, NOISE_GRAD=False, REVERSE=True, BLOCK=1024)),
@@ -457,6 +461,9 @@ def _kernel_specs():
         (gmm._gmm_fwd_kernel, dict(gmm_cfg, HAS_WL=True, HAS_LABELS=True)),
         (gmm._gmm_bwd_z_kernel, dict(gmm_cfg, HAS_LABELS=True, HAS_GLOGITS=True)),
         (gmm._gmm_bwd_params_kernel, dict(gmm_cfg)),
+        (gmm._gmm_fwd_kernel, dict(gmm_cfg, DIAG=False, HAS_WL=False, HAS_LABELS=False, IDX64=True)),
+        (gmm._gmm_bwd_z_kernel, dict(gmm_cfg, DIAG=False, HAS_LABELS=False, HAS_GLOGITS=False, IDX64=True)),
+        (gmm._gmm_bwd_params_kernel, dict(gmm_cfg, IDX64=True)),
     ]
 
 

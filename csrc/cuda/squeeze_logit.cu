@@ -1,7 +1,8 @@
 // 2x2 squeeze (a permutation; any dtype) and the logit preprocessing with its per-sample log-det on CUDA.
 // Squeeze: one thread per element (grid-stride), gather (forward) or scatter (reverse) through
 // flowgmm_math.h's squeeze_unsq_offset. Logit forward: the column-tiled per-sample layout of coupling.cu with the
-// log-det reduced per warp (one atomic per warp and sample); backward: elementwise. Current stream.
+// log-det reduced per warp into a (B, column blocks * warps) partials buffer that ATen sums in a fixed order
+// (deterministic: no float atomics); backward: elementwise. The tensor's device (guard) and its current stream.
 #include "common.cuh"
 #include "flowgmm_math.h"
 #include "ops.h"
@@ -11,6 +12,7 @@ namespace cuda {
 namespace {
 
 using cuda_detail::kThreads;
+using cuda_detail::kWarps;
 using cuda_detail::warp_sum;
 
 template <typename scalar_t>
@@ -29,7 +31,7 @@ __global__ void __launch_bounds__(kThreads) squeeze_kernel(const scalar_t* __res
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) logit_fwd_kernel(const scalar_t* __restrict__ x,
                                                             const scalar_t* __restrict__ noise, scalar_t* y,
-                                                            at::opmath_type<scalar_t>* ldj, int64_t B, int64_t N,
+                                                            at::opmath_type<scalar_t>* ldj_part, int64_t B, int64_t N,
                                                             int64_t rows, double alpha, double scale,
                                                             double log_scale, bool reverse) {
   using acc = at::opmath_type<scalar_t>;
@@ -51,7 +53,8 @@ __global__ void __launch_bounds__(kThreads) logit_fwd_kernel(const scalar_t* __r
       }
     }
     const acc tot = warp_sum(el);
-    if ((threadIdx.x & 31) == 0) atomicAdd(ldj + b, reverse ? -tot : tot);
+    if ((threadIdx.x & 31) == 0)
+      ldj_part[(b * gridDim.x + blockIdx.x) * kWarps + (threadIdx.x >> 5)] = reverse ? -tot : tot;
   }
 }
 
@@ -108,14 +111,18 @@ std::tuple<Tensor, Tensor> logit_fwd(const Tensor& x_, double alpha, bool revers
   Tensor y = at::empty_like(x);
   Tensor ldj = at::zeros({B}, x.options().dtype(acc_t));
   if (x.numel() > 0) {
+    const auto layout = cuda_detail::column_grid(B, N);
+    const dim3 grid = layout.first;
+    const int64_t rows = layout.second;
+    Tensor part = at::empty({B, static_cast<int64_t>(grid.x) * kWarps}, x.options().dtype(acc_t));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "logit_fwd_cuda", [&] {
       using acc = at::opmath_type<scalar_t>;
-      const auto [grid, rows] = cuda_detail::column_grid(B, N);
       logit_fwd_kernel<scalar_t><<<grid, kThreads, 0, cuda_detail::stream()>>>(
           x.data_ptr<scalar_t>(), n.defined() ? n.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(),
-          ldj.data_ptr<acc>(), B, N, rows, alpha, 1 - 2 * alpha, std::log1p(-2 * alpha), reverse);
+          part.data_ptr<acc>(), B, N, rows, alpha, 1 - 2 * alpha, std::log1p(-2 * alpha), reverse);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
+    ldj = part.sum(1);
   }
   Tensor out = ldj.to(out_t);
   if (sldj) out = out.add_(sldj->to(out_t));
