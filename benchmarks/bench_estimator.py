@@ -73,14 +73,10 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {"rows": args.rows, "features": args.features, "median_s": median, "median_cpu_s": cpus[len(cpus) // 2], "min_s": secs[0], "max_s": secs[-1],
                "target_s": TARGET_S, "met": median <= TARGET_S and args.max_steps is None, "max_steps": args.max_steps, "threads": torch.get_num_threads()}
     print(f"FlowGMMClassifier().fit on {args.rows} x {args.features}: median {median:.1f} s [{secs[0]:.1f}, "
-          f"{secs[-1]:.1f}] over {len(secs)} fits (median CPU {cpus[len(cpus) // 2]:.1f} s), {torch.get_num_threads()} torch threads (target <= {TARGET_S:.0f} s: "
+          f"{secs[-1]:.1f}] over {len(secs)} fits (median CPU {summary['median_cpu_s']:.1f} s), "
+          f"{torch.get_num_threads()} torch threads (target <= {TARGET_S:.0f} s: "
           f"{'met' if summary['met'] else 'NOT met'}); load average {meta['load_average_1m']}")
-    result = {"records": records, **summary}
-    if not args.no_write:
-        path = common.write_results("estimator_fit", meta, records, args.out_dir, extra={"summary": summary})
-        print(f"wrote {path}")
-        result["path"] = path
-    return result
+    return common.finish_summary_run("estimator_fit", meta, records, summary, args.out_dir, not args.no_write)
 
 
 if __name__ == "__main__":

@@ -78,12 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"heavy modules loaded: {', '.join(r['heavy_modules_loaded']) or 'none'}")
     print(f"import flowgmm_fast / import torch = {ratio:.2f}x (target <= {TARGET_RATIO}x: "
           f"{'met' if summary['met'] else 'NOT met'}); load average {meta['load_average_1m']}")
-    result = {"records": records, **summary}
-    if not args.no_write:
-        path = common.write_results("import", meta, records, args.out_dir, extra={"summary": summary})
-        print(f"wrote {path}")
-        result["path"] = path
-    return result
+    return common.finish_summary_run("import", meta, records, summary, args.out_dir, not args.no_write)
 
 
 if __name__ == "__main__":

@@ -249,6 +249,17 @@ def write_results(kind: str, meta: dict, records: list[dict], out_dir: Path | st
     return path
 
 
+def finish_summary_run(kind: str, meta: dict, records: list[dict], summary: dict, out_dir, write: bool) -> dict:
+    """The end of a benchmark that checks one target: ``{"records", **summary}`` and, when ``write``, the results
+    file (``summary`` stored beside the records) and its path under "path" (printed)."""
+    result = {"records": records, **summary}
+    if write:
+        path = write_results(kind, meta, records, out_dir, extra={"summary": summary})
+        print(f"wrote {path}")
+        result["path"] = path
+    return result
+
+
 def load_results(path: Path | str) -> dict:
     data = json.loads(Path(path).read_text())
     for key in ("kind", "meta", "records"):

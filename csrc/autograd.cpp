@@ -33,12 +33,15 @@ using CouplingBwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&,
                                                                   const OptTensor&, int64_t, bool);
 using SqueezeSig = Tensor(const Tensor&, bool, bool);
 using LogitFwdSig = std::tuple<Tensor, Tensor>(const Tensor&, double, bool, const OptTensor&, const OptTensor&);
-using LogitBwdSig = Tensor(const Tensor&, const OptTensor&, const Tensor&, double, bool, const OptTensor&);
+using LogitBwdSig = std::tuple<Tensor, Tensor>(const Tensor&, const OptTensor&, const Tensor&, double, bool,
+                                               const OptTensor&, bool);
 using GmmFwdSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
                                              const OptTensor&, double);
 using GmmBwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const OptTensor&, const OptTensor&, const Tensor&,
                                                              const Tensor&, const Tensor&, const OptTensor&,
                                                              const OptTensor&, double, const Tensor&);
+
+bool requires_grad(const OptTensor& t) { return t.has_value() && t->requires_grad(); }
 
 // grad of an optional sldj input: the incoming grad of sldj_out, in sldj's dtype
 Tensor sldj_grad(const Tensor& grad_sldj, const AutogradContext* ctx) {
@@ -59,6 +62,9 @@ struct CouplingFn : torch::autograd::Function<CouplingFn> {
     if (sldj) ctx->saved_data["sldj_dtype"] = sldj->scalar_type();
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, sldj_out] = fwd.call(x, s, t, scale, mask, parity, reverse, sldj);
+    // y depends on x, s, t and scale only: when just sldj requires grad, y does not (as in the reference)
+    if (!x.requires_grad() && !s.requires_grad() && !t.requires_grad() && !requires_grad(scale))
+      ctx->mark_non_differentiable({y});
     return {y, sldj_out};
   }
 
@@ -118,6 +124,7 @@ struct LogitFn : torch::autograd::Function<LogitFn> {
     ctx->saved_data["noise_edge"] = static_cast<int64_t>(sldj ? 2 : 1);
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, sldj_out] = fwd.call(x, alpha, reverse, sldj, noise);
+    if (!x.requires_grad() && !requires_grad(noise)) ctx->mark_non_differentiable({y});  // see CouplingFn
     return {y, sldj_out};
   }
 
@@ -126,13 +133,12 @@ struct LogitFn : torch::autograd::Function<LogitFn> {
     const auto saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &noise = saved[1];
     const Tensor grad_y = grads[0].defined() ? grads[0] : at::zeros_like(x);
-    Tensor gx = bwd.call(grad_y, opt(grads[1]), x, ctx->saved_data["alpha"].toDouble(),
-                         ctx->saved_data["reverse"].toBool(), opt(noise));
-    // u = (255 x + noise) / 256: dL/dnoise = dL/du / 256 = dL/dx / 255
-    Tensor g_noise = noise.defined() && ctx->needs_input_grad(ctx->saved_data["noise_edge"].toInt())
-                           ? gx / 255
-                           : Tensor();
-    return {gx, Tensor(), Tensor(), sldj_grad(grads[1], ctx), g_noise};
+    // u = (255 x + noise) / 256: dL/dnoise = dL/du / 256, formed by the kernel from dL/du in the compute dtype (as
+    // dL/dx / 255 it would overflow a half wherever dL/dx does)
+    const bool noise_grad = noise.defined() && ctx->needs_input_grad(ctx->saved_data["noise_edge"].toInt());
+    auto [gx, g_noise] = bwd.call(grad_y, opt(grads[1]), x, ctx->saved_data["alpha"].toDouble(),
+                                  ctx->saved_data["reverse"].toBool(), opt(noise), noise_grad);
+    return {gx, Tensor(), Tensor(), sldj_grad(grads[1], ctx), noise_grad ? g_noise : Tensor()};
   }
 };
 

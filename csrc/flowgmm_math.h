@@ -118,11 +118,14 @@ FG_HD float host_log1pf(float x) {
   return u == INFINITY ? u : r;
 }
 
-// tanh for float, vectorisable: 1 - 2 / (exp(2x) + 1) with x clamped to +-9 (|tanh| rounds to 1 beyond); absolute
-// error ~1e-7 (relative error grows for |x| < 1e-3, where tanh(x) ~ x is tiny anyway).
+// tanh for float, vectorisable: 1 - 2 / (exp(2x) + 1) with x clamped to +-10; absolute error ~1e-7 (relative error
+// grows for |x| < 1e-3, where tanh(x) ~ x is tiny anyway). The correctly rounded float tanh is exactly +-1 from
+// |x| = 13 ln2 / 2 ~ 9.01 on (1 - tanh < 2^-25, half an ulp below 1), and so is this formula: at |x| >= 9.1 the term
+// 2 / (e^2x + 1) < 2.5e-8 rounds away. So d tanh / ds = 1 - tanh^2 is exactly 0 where the reference's is (a clamp at 9
+// stopped at 1 - 2^-24 and left a gradient of 1.2e-7 at every saturated s).
 FG_HD float host_tanhf(float x) {
-  float xc = x > 9.0f ? 9.0f : x;
-  xc = xc < -9.0f ? -9.0f : xc;
+  float xc = x > 10.0f ? 10.0f : x;
+  xc = xc < -10.0f ? -10.0f : xc;
   return 1.0f - 2.0f / (host_expf_bounded(2.0f * xc) + 1.0f);
 }
 #endif
@@ -153,6 +156,18 @@ FG_HD double log1p_(double x) { return log1p(x); }
 // checkerboard mask value b[h, w] = (h + w + parity) % 2
 FG_HD int checker_keep(int64_t h, int64_t w, int64_t parity) { return static_cast<int>((h + w + parity) & 1); }
 
+// tanh(x) and its slope 1 - tanh(x)^2 for the backward, from q = 1 - |tanh x| = 2 / (e^{2|x|} + 1) formed without
+// cancellation: slope = q (2 - q). Written as 1 - th * th, the slope inherits th's absolute rounding error (1e-7
+// in float), which is its whole size once |x| > 8: off by 2% at |x| = 6 and never 0 past saturation. This one is
+// accurate to a few ulps relative, and exactly 0 where e^{2|x|} overflows (|x| > 44 in float).
+template <typename acc>
+FG_HD void tanh_and_slope(acc x, acc& th, acc& slope) {
+  const acc ax = x < acc(0) ? -x : x;
+  const acc q = acc(2) / (exp_(acc(2) * ax) + acc(1));
+  th = x < acc(0) ? q - acc(1) : acc(1) - q;
+  slope = q * (acc(2) - q);
+}
+
 template <typename acc, bool kScale, bool kReverse>
 FG_HD acc coupling_forward(acc x, acc s, acc t, acc scale, acc keep, acc& s_m) {
   const acc s_eff = kScale ? scale * tanh_(s) : s;
@@ -166,7 +181,8 @@ FG_HD acc coupling_forward(acc x, acc s, acc t, acc scale, acc keep, acc& s_m) {
 // element's contribution to dL/dscale[c] (0 without scale).
 template <typename acc, bool kScale, bool kReverse>
 FG_HD acc coupling_backward(acc gy, acc gl, acc x, acc s, acc t, acc scale, acc keep, acc& gx, acc& gs, acc& gt) {
-  const acc th = kScale ? tanh_(s) : acc(0);
+  acc th = acc(0), slope = acc(0);
+  if (kScale) tanh_and_slope(s, th, slope);
   const acc s_eff = kScale ? scale * th : s;
   const acc w = acc(1) - keep;
   const acc s_m = w * s_eff;
@@ -184,7 +200,7 @@ FG_HD acc coupling_backward(acc gy, acc gl, acc x, acc s, acc t, acc scale, acc 
   }
   const acc g_seff = w * g_sm;
   if (kScale) {
-    gs = g_seff * scale * (acc(1) - th * th);
+    gs = g_seff * scale * slope;
     return g_seff * th;
   }
   gs = g_seff;
@@ -216,10 +232,12 @@ FG_HD int64_t squeeze_unsq_offset(int64_t b, int64_t oc, int64_t h, int64_t w, i
 // y = log p - log(1 - p), log-det term log(1 - 2 alpha) - log p - log(1 - p).
 // reverse: p = sigmoid(x), y = (p - alpha) / (1 - 2 alpha), log-det term log(1 - 2 alpha) + softplus(x) + softplus(-x)
 // (the caller subtracts it).
+// `scale` = 1 - 2 alpha and `log_scale` = log(1 - 2 alpha) are formed in double by the caller and rounded once: formed
+// in float, 1 - 2 alpha loses up to 2^-24 / (1 - 2 alpha) relative (1.3e-4 at alpha = 0.4999), and y with it.
 
 template <typename acc>
-FG_HD acc logit_forward(acc u, acc alpha, acc log_scale, acc& ldj) {
-  const acc p = alpha + (acc(1) - acc(2) * alpha) * u;
+FG_HD acc logit_forward(acc u, acc alpha, acc scale, acc log_scale, acc& ldj) {
+  const acc p = alpha + scale * u;
   const acc lp = log_(p), l1p = log1p_(-p);
   ldj = log_scale - lp - l1p;
   return lp - l1p;
@@ -227,26 +245,25 @@ FG_HD acc logit_forward(acc u, acc alpha, acc log_scale, acc& ldj) {
 
 // dL/du for the forward transform given gy = dL/dy and gl = dL/dsldj_out[b]
 template <typename acc>
-FG_HD acc logit_forward_grad(acc gy, acc gl, acc u, acc alpha) {
-  const acc a = acc(1) - acc(2) * alpha;
-  const acc p = alpha + a * u;
+FG_HD acc logit_forward_grad(acc gy, acc gl, acc u, acc alpha, acc scale) {
+  const acc p = alpha + scale * u;
   const acc ip = acc(1) / p, iq = acc(1) / (acc(1) - p);
-  return a * (gy * (ip + iq) + gl * (iq - ip));
+  return scale * (gy * (ip + iq) + gl * (iq - ip));
 }
 
 template <typename acc>
-FG_HD acc logit_reverse(acc x, acc alpha, acc log_scale, acc& ldj) {
+FG_HD acc logit_reverse(acc x, acc alpha, acc scale, acc log_scale, acc& ldj) {
   const acc ax = x < acc(0) ? -x : x;
   const acc p = acc(1) / (acc(1) + exp_(-x));
   ldj = log_scale + ax + acc(2) * log1p_(exp_(-ax));
-  return (p - alpha) / (acc(1) - acc(2) * alpha);
+  return (p - alpha) / scale;
 }
 
 // dL/dx for the reverse transform (sldj_out = sldj - ldj): dy/dx = p (1 - p) / (1 - 2 alpha), dldj/dx = 2p - 1
 template <typename acc>
-FG_HD acc logit_reverse_grad(acc gy, acc gl, acc x, acc alpha) {
+FG_HD acc logit_reverse_grad(acc gy, acc gl, acc x, acc scale) {
   const acc p = acc(1) / (acc(1) + exp_(-x));
-  return gy * p * (acc(1) - p) / (acc(1) - acc(2) * alpha) - gl * (acc(2) * p - acc(1));
+  return gy * p * (acc(1) - p) / scale - gl * (acc(2) * p - acc(1));
 }
 
 // Dequantisation u = (255 x + noise) / 256 of 8-bit data scaled to [0, 1].
@@ -255,13 +272,14 @@ FG_HD acc dequantize(acc x, acc noise) {
   return (x * acc(255) + noise) / acc(256);
 }
 
-// dL/dx of the whole logit op at one element: reverse; forward after dequantisation (chain rule du/dx = 255/256);
-// or plain forward. One copy for the CPU loop and the CUDA kernel.
+// The gradient of the whole logit op at one element, in the compute dtype: dL/dx for the reverse transform, dL/du for
+// the forward one (u the dequantised value, or x without noise). The caller forms dL/dx = dL/du 255/256 and
+// dL/dnoise = dL/du / 256 from it, each rounded once: dL/dnoise fits a half even where dL/dx overflows it (u near 0).
+// One copy for the CPU loop and the CUDA kernel.
 template <typename acc>
-FG_HD acc logit_input_grad(acc gy, acc gl, acc x, bool has_noise, acc noise, acc alpha, bool reverse) {
-  if (reverse) return logit_reverse_grad(gy, gl, x, alpha);
-  if (has_noise) return logit_forward_grad(gy, gl, dequantize(x, noise), alpha) * (acc(255) / acc(256));
-  return logit_forward_grad(gy, gl, x, alpha);
+FG_HD acc logit_grad(acc gy, acc gl, acc x, bool has_noise, acc noise, acc alpha, acc scale, bool reverse) {
+  if (reverse) return logit_reverse_grad(gy, gl, x, scale);
+  return logit_forward_grad(gy, gl, has_noise ? dequantize(x, noise) : x, alpha, scale);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -298,9 +316,15 @@ FG_HD acc row_logsumexp(const acc* row, int64_t K) {
   return m + log_(sum);
 }
 
-// nll of one sample from its logits row: label < 0 -> -logsumexp, else -label_weight * (logits_y - log pi_y)
+// A label outside [-1, K) is never read as an index: the sample's nll and gradients are NaN instead (a poison value
+// the non-finite guard reports), so a bad label on CUDA, where labels are range-checked only in debug mode (a host
+// sync), cannot read or write out of bounds.
+FG_HD bool label_invalid(int64_t label, int64_t K) { return label < -1 || label >= K; }
+
+// nll of one sample from its logits row: label -1 -> -logsumexp, else -label_weight * (logits_y - log pi_y)
 template <typename acc>
 FG_HD acc row_nll(const acc* logits, const acc* log_pi, int64_t K, int64_t label, acc label_weight) {
+  if (label_invalid(label, K)) return acc(NAN);
   if (label >= 0) return -label_weight * (logits[label] - log_pi[label]);
   return -row_logsumexp(logits, K);
 }
@@ -311,6 +335,10 @@ FG_HD acc row_nll(const acc* logits, const acc* log_pi, int64_t K, int64_t label
 template <typename acc>
 FG_HD void row_grad(const acc* logits, const acc* g_logits, acc g_nll, int64_t K, int64_t label, acc label_weight,
                     acc* G, acc* P) {
+  if (label_invalid(label, K)) {
+    for (int64_t k = 0; k < K; ++k) G[k] = P[k] = acc(NAN);
+    return;
+  }
   const acc lse = label < 0 ? row_logsumexp(logits, K) : acc(0);
   for (int64_t k = 0; k < K; ++k) {
     acc p = g_logits ? g_logits[k] : acc(0);

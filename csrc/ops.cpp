@@ -147,16 +147,17 @@ std::tuple<Tensor, Tensor> logit_fwd_checked(const Tensor& x, double alpha, bool
   return cpu::logit_fwd(x, alpha, reverse, sldj, noise);
 }
 
-Tensor logit_bwd_checked(const Tensor& grad_y, const OptTensor& grad_sldj, const Tensor& x, double alpha,
-                         bool reverse, const OptTensor& noise, bool cuda) {
+std::tuple<Tensor, Tensor> logit_bwd_checked(const Tensor& grad_y, const OptTensor& grad_sldj, const Tensor& x,
+                                             double alpha, bool reverse, const OptTensor& noise, bool noise_grad,
+                                             bool cuda) {
   check_logit(x, alpha, reverse, noise);
   check_like(grad_y, "grad_y", x, "x", false);
   check_float(grad_y, "grad_y");
   check_sldj(grad_sldj, x, "grad_sldj");
 #if defined(FLOWGMM_WITH_CUDA)
-  if (cuda) return cuda::logit_bwd(grad_y, grad_sldj, x, alpha, reverse, noise);
+  if (cuda) return cuda::logit_bwd(grad_y, grad_sldj, x, alpha, reverse, noise, noise_grad);
 #endif
-  return cpu::logit_bwd(grad_y, grad_sldj, x, alpha, reverse, noise);
+  return cpu::logit_bwd(grad_y, grad_sldj, x, alpha, reverse, noise, noise_grad);
 }
 
 void check_gmm(const Tensor& z, const Tensor& means, const Tensor& log_std, const OptTensor& weight_logits,
@@ -242,9 +243,9 @@ struct Impl {
                                               const OptTensor& noise) {
     return logit_fwd_checked(x, alpha, reverse, sldj, noise, kCuda);
   }
-  static Tensor logit_bwd(const Tensor& grad_y, const OptTensor& grad_sldj, const Tensor& x, double alpha,
-                          bool reverse, const OptTensor& noise) {
-    return logit_bwd_checked(grad_y, grad_sldj, x, alpha, reverse, noise, kCuda);
+  static std::tuple<Tensor, Tensor> logit_bwd(const Tensor& grad_y, const OptTensor& grad_sldj, const Tensor& x,
+                                              double alpha, bool reverse, const OptTensor& noise, bool noise_grad) {
+    return logit_bwd_checked(grad_y, grad_sldj, x, alpha, reverse, noise, noise_grad, kCuda);
   }
   static std::tuple<Tensor, Tensor> gmm_fwd(const Tensor& z, const Tensor& means, const Tensor& log_std,
                                             const OptTensor& weight_logits, const OptTensor& labels,
@@ -282,7 +283,8 @@ TORCH_LIBRARY(flowgmm_native, m) {
         "int checker_parity, bool reverse) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("squeeze2x2(Tensor x, bool reverse, bool alt_order) -> Tensor");
   m.def("logit_fwd(Tensor x, float alpha, bool reverse, Tensor? sldj, Tensor? noise) -> (Tensor, Tensor)");
-  m.def("logit_bwd(Tensor grad_y, Tensor? grad_sldj, Tensor x, float alpha, bool reverse, Tensor? noise) -> Tensor");
+  m.def("logit_bwd(Tensor grad_y, Tensor? grad_sldj, Tensor x, float alpha, bool reverse, Tensor? noise, "
+        "bool noise_grad) -> (Tensor, Tensor)");
   m.def("gmm_fwd(Tensor z, Tensor means, Tensor log_std, Tensor? weight_logits, Tensor? labels, float label_weight) "
         "-> (Tensor, Tensor)");
   m.def("gmm_bwd(Tensor? grad_nll, Tensor? grad_logits, Tensor z, Tensor means, Tensor log_std, "

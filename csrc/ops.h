@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <optional>
 #include <tuple>
 
@@ -46,8 +47,8 @@ inline Tensor squeeze_output(const Tensor& x, const SqueezeGeometry& g, bool rev
   Tensor squeeze2x2(const Tensor& x, bool reverse, bool alt_order);                                                \
   std::tuple<Tensor, Tensor> logit_fwd(const Tensor& x, double alpha, bool reverse, const OptTensor& sldj,         \
                                        const OptTensor& noise);                                                    \
-  Tensor logit_bwd(const Tensor& grad_y, const OptTensor& grad_sldj, const Tensor& x, double alpha, bool reverse,  \
-                   const OptTensor& noise);                                                                        \
+  std::tuple<Tensor, Tensor> logit_bwd(const Tensor& grad_y, const OptTensor& grad_sldj, const Tensor& x,         \
+                                       double alpha, bool reverse, const OptTensor& noise, bool noise_grad);       \
   std::tuple<Tensor, Tensor> gmm_fwd(const Tensor& z, const Tensor& means, const Tensor& log_std,                  \
                                      const OptTensor& weight_logits, const OptTensor& labels, double label_weight); \
   std::tuple<Tensor, Tensor, Tensor, Tensor> gmm_bwd(const OptTensor& grad_nll, const OptTensor& grad_logits,      \
@@ -65,6 +66,27 @@ FLOWGMM_DECLARE_OPS(cpu)
 #else
 #define FLOWGMM_CPU_CLONES
 #endif
+#if !defined(__CUDACC__)
+// Row reductions of the CPU loops (log-dets, scale gradients): sum_{i in [begin, end)} term(i) as vectorised partials
+// in the compute dtype over kSumBlock elements, added in double. One float accumulator per SIMD lane over a whole
+// 2048 x 2048 sample drifted by 1e-4 (coupling) to 5e-4 (logit) relative; blocked, the error stays at a few float ulps
+// of the block sums. `term` may write outputs as a side effect (y, gradients): the loop over i is one pass.
+constexpr int64_t kSumBlock = 1024;
+
+template <typename acc, typename Term>
+inline __attribute__((always_inline)) double blocked_sum(int64_t begin, int64_t end, const Term& term) {
+  double total = 0;
+  for (int64_t i0 = begin; i0 < end; i0 += kSumBlock) {
+    const int64_t i1 = std::min(end, i0 + kSumBlock);
+    acc part = 0;
+#pragma omp simd reduction(+ : part)
+    for (int64_t i = i0; i < i1; ++i) part += term(i);
+    total += part;
+  }
+  return total;
+}
+#endif
+
 #if defined(FLOWGMM_WITH_CUDA)
 FLOWGMM_DECLARE_OPS(cuda)
 #endif

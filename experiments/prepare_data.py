@@ -42,7 +42,12 @@ def download(dataset: str, root: Path) -> Path:
         for train in (True, False):
             torchvision.datasets.MNIST(str(root), train=train, download=True)
     elif dataset == "cifar10":
-        torchvision.datasets.CIFAR10(str(root), train=True, download=True)
+        # download and check the archive only: building torchvision's CIFAR10 dataset would unpickle the batches
+        # with pickle.load; flowgmm_fast reads them with its restricted unpickler
+        from torchvision.datasets.utils import download_and_extract_archive
+
+        spec = torchvision.datasets.CIFAR10
+        download_and_extract_archive(spec.url, str(root), filename=spec.filename, md5=spec.tgz_md5)
     else:
         for split in ("train", "test"):
             torchvision.datasets.SVHN(str(root), split=split, download=True)

@@ -43,6 +43,8 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
+from flowgmm_fast.data._files import open_npz
+
 SKLEARN_TABLES = ("wine", "digits", "breast_cancer")
 FILE_TABLES = ("spam", "musk", "ticdata")
 DERIVED_TABLES = {"spam_imb": ("spam", "binary", 1), "breast_cancer_imb": ("breast_cancer", "binary", 0),
@@ -64,7 +66,7 @@ def load_table(name: str, data_dir: str) -> tuple[np.ndarray, np.ndarray]:
         path = os.path.join(data_dir, f"{name}.npz")
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path} not found: pass --data-dir with the tabular .npz files")
-        with np.load(path) as f:
+        with open_npz(path, "table file") as f:
             return f["X"].astype(np.float64), f["y"].astype(np.int64)
     base, kind, minority = DERIVED_TABLES[name]
     x, y = load_table(base, data_dir)

@@ -15,6 +15,11 @@ the original's. Any dataset in MNIST's IDX format works by name (prepare_data.py
     --time_limit (experiments/RESULTS.md: its curve on MNIST, the probes behind it, the wall time per epoch of the
     paper's model on a 2-core CPU)
 
+--resume (flowgmm_fast.training.resume): flags not given take the checkpoint's values; the hyperparameters in
+RESUME_MUTABLE may be changed (e.g. a lower --lr to rescue a diverging run; the change is applied to the restored
+optimizer and schedule and logged); the flags in RESUME_ENVIRONMENT always come from the command line; any other flag
+given with a value other than the checkpoint's is an error. The labeled indices must match the checkpoint's.
+
     python experiments/prepare_data.py --dataset MNIST --source ../shared/datasets/MNIST/raw
     python experiments/train_semisup_cons.py --dataset=MNIST --data_path=data/images/mnist \\
         --label_path=data/labels/mnist/1000_balanced_labels/10.npz --logdir=runs/mnist --ckptdir=checkpoints/mnist
@@ -37,11 +42,21 @@ import flowgmm_fast
 from flowgmm_fast.data import (ImageData, SemiSupervisedLoader, canonical_dataset_name, dequantize, eval_batches,
                                load_image_dataset, load_label_split)
 from flowgmm_fast.semisup import init_means_from_labeled, init_std_from_labeled
-from flowgmm_fast.training import (Trainer, TrainLogger, cleanup_distributed, flowgmm_cons_loss, init_distributed,
-                                   is_main_process, linear_rampup, make_lr_scheduler, seed_everything, unwrap_model,
-                                   weight_decay_param_groups, wrap_model)
+from flowgmm_fast.training import (Trainer, TrainLogger, cleanup_distributed, flowgmm_cons_loss,
+                                   init_distributed, is_main_process, linear_rampup, make_lr_scheduler,
+                                   read_checkpoint, reconcile_resume_args, seed_everything, set_learning_rate,
+                                   unwrap_model, weight_decay_param_groups, wrap_model)
 
 FLOWS = ("RealNVP",)
+# what a resumed run may change (flowgmm_fast.training.resume): hyperparameters of the optimisation and the length
+# and rhythm of the run ...
+RESUME_MUTABLE = ("lr", "lr_gmm", "max_grad_norm", "label_weight", "consistency_weight", "consistency_rampup",
+                  "num_epochs", "max_steps", "save_freq", "eval_freq", "eval_limit", "dtype", "amp", "time_limit",
+                  "curve_eval_limit")
+# ... and where and how it runs (always from the command line); every other flag defines the saved state
+RESUME_ENVIRONMENT = ("data_path", "label_path", "logdir", "ckptdir", "resume", "backend", "device", "compile",
+                      "num_workers", "distributed", "log_freq", "eval_batch_size", "invertible_backprop",
+                      "invertible_checkpoint_every", "threads")
 
 # Named defaults (--preset); flags given on the command line override them. Measured in experiments/RESULTS.md.
 PRESETS = {
@@ -52,7 +67,7 @@ PRESETS = {
 }
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="FlowGMM(-cons) semi-supervised training on images",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
@@ -130,6 +145,11 @@ def parse_args(argv=None):
                         "images under the initial flow")
     p.add_argument("--std_init", default="fixed", choices=["fixed", "labeled"],
                    help="fixed: --cov_std; labeled: the pooled within-class std of the labeled latents")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     preset = p.parse_known_args(argv)[0].preset
     if preset is not None:
         p.set_defaults(**PRESETS[preset])
@@ -258,11 +278,25 @@ def evaluate(model, test, args, info, autocast_dtype):
     return {"test_acc": correct / n, "test_nll": nll / n, "test_bpd": bpd / n}
 
 
+def resume_path(args) -> Path | None:
+    """The checkpoint --resume names ('auto': <ckptdir>/last.pt when it exists)."""
+    if args.resume == "auto":
+        path = Path(args.ckptdir) / "last.pt"
+        return path if path.exists() else None
+    return None if args.resume is None else Path(args.resume)
+
+
 def main(argv=None):
     start = time.perf_counter()
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    resume = resume_path(args)
+    changes = {}
+    if resume is not None:  # the saved arguments, before anything is built from them
+        saved = read_checkpoint(resume)["extra"].get("args")
+        changes = reconcile_resume_args(args, saved, build_parser(), argv, mutable=RESUME_MUTABLE,
+                                        environment=RESUME_ENVIRONMENT)
     info = init_distributed(args.device, distributed=args.distributed)
     flowgmm_fast.set_backend(args.backend)
     seed_everything(args.seed)
@@ -285,7 +319,7 @@ def main(argv=None):
     c, h, w = train.images.shape[1:]
     model = build_model(args, c, c * h * w, train.num_classes).to(info.device)
     prior_line = None
-    if args.means_init == "labeled":
+    if args.means_init == "labeled" and resume is None:  # a resumed run loads its prior
         lab = torch.as_tensor(labeled, dtype=torch.long)
         prior_line = init_prior_from_labeled(model, train.images[lab].to(info.device),
                                              train.labels[lab].to(info.device), args)
@@ -305,12 +339,15 @@ def main(argv=None):
     trainer = Trainer(net, optimizers, schedulers=schedulers, steps_per_epoch=spe, max_grad_norm=args.max_grad_norm,
                       ckpt_path=ckpt_path, logger=logger, autocast_dtype=autocast_dtype,
                       check_every=1 if info.device.type == "cpu" else args.log_freq,
-                      extra_state=lambda: {"args": vars(args)})
-    resume = args.resume
-    if resume == "auto":
-        resume = ckpt_path if ckpt_path.exists() else None
+                      extra_state=lambda: {"args": vars(args), "labeled_idx": [int(i) for i in labeled]})
     if resume is not None:
-        trainer.resume(resume)
+        extra = trainer.resume(resume)
+        if "labeled_idx" in extra and extra["labeled_idx"] != [int(i) for i in labeled]:
+            raise SystemExit(f"--resume: {resume} was trained on other labeled indices than --label_path "
+                             f"{args.label_path} gives")
+        for name, opt_name in (("lr", "flow"), ("lr_gmm", "gmm")):
+            if name in changes and opt_name in optimizers:
+                set_learning_rate(optimizers[opt_name], schedulers[opt_name], getattr(args, name))
     if is_main_process():
         os.makedirs(args.ckptdir, exist_ok=True)
         with open(Path(args.ckptdir) / "command.sh", "w") as f:
@@ -326,6 +363,9 @@ def main(argv=None):
             logger.write(flowgmm_fast.nn.invertible.COMPILE_NOTE)
         if prior_line is not None and resume is None:
             logger.write(prior_line)
+        if changes:
+            logger.write(f"resume: changed {', '.join(map(str, changes.values()))} (applied from step "
+                         f"{trainer.step})")
 
     def compute_loss(batch, tr):
         x, labels, x2 = batch

@@ -36,6 +36,12 @@ space, spread to >= 4 sigma apart) for the sklearn sets and custom data.
     python experiments/train_semisup_flowgmm_tabular.py --dataset miniboone --data-root data/miniboone
     python experiments/train_semisup_flowgmm_tabular.py --dataset custom --features feats.npz --split lab.txt
     python experiments/train_semisup_flowgmm_tabular.py --dataset digits --resume     # continue runs/<name>
+    python experiments/train_semisup_flowgmm_tabular.py --dataset custom --features feats.npz --predict new.csv
+        # classify new rows with that run's model and standardisation (both in its last.pt) -> predictions.csv
+
+--resume (flowgmm_fast.training.resume): flags not given take the checkpoint's values; RESUME_MUTABLE flags may be
+changed (applied -- a new --lr to the restored optimizer and schedule -- and logged); RESUME_ENVIRONMENT flags always
+come from the command line; any other flag given with a value other than the checkpoint's is an error.
 """
 
 from __future__ import annotations
@@ -46,11 +52,13 @@ import json
 import os
 import sys
 
+import numpy as np
 import torch
 
 from flowgmm_fast.data import tabular as T
 from flowgmm_fast.semisup import FitConfig, build_tabular_flowgmm, fit_flowgmm, init_means_from_labeled
-from flowgmm_fast.training import TrainLogger, seed_everything
+from flowgmm_fast.training import (TrainLogger, load_checkpoint, read_checkpoint, reconcile_resume_args,
+                                   seed_everything, set_learning_rate)
 
 PRESETS = {
     "ag_news": dict(num_labeled=200, unlabeled_weight=0.6, epochs=100, lr=3e-4, num_coupling_layers=7,
@@ -69,9 +77,15 @@ PRESETS = {
                    hidden_dim=256, means_init="labeled"),
 }
 COMMON = dict(batch_size=5000, weight_decay=1e-5, dropout=0.5, num_layers=1, label_weight=1.0)
+# what --resume may change (the optimisation's hyperparameters, the run's length and rhythm) and what always comes from
+# the command line (where and how it runs); every other flag defines the saved state
+RESUME_MUTABLE = ("unlabeled_weight", "label_weight", "lr", "epochs", "max_steps", "max_grad_norm", "eval_every",
+                  "save_every")
+RESUME_ENVIRONMENT = ("data_root", "features", "split", "run_dir", "resume", "device", "threads", "no_progress",
+                      "log_every", "stop_at", "invertible_backprop", "invertible_checkpoint_every")
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", required=True, choices=list(PRESETS))
@@ -118,22 +132,35 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--predict", metavar="FILE",
+                   help="no training: classify the rows of FILE (.npz with x, or a CSV of the feature columns, header "
+                        "optional) with the model in <run-dir>/last.pt and its stored standardisation; writes "
+                        "--predictions")
+    p.add_argument("--predictions", metavar="CSV",
+                   help="where --predict writes the class and class probabilities (default <run-dir>/predictions.csv)")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     preset = {**COMMON, **PRESETS[args.dataset]}
     for key, value in preset.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    if args.dataset == "custom" and args.features is None:
+    predicting = args.predict is not None
+    if args.dataset == "custom" and args.features is None and not (predicting and args.run_dir):
         p.error("--dataset custom needs --features FILE")
-    if args.dataset in ("miniboone", "hepmass") and args.data_root is None:
+    if args.dataset in ("miniboone", "hepmass") and args.data_root is None and not predicting:
         p.error(f"--dataset {args.dataset} needs --data-root with the UCI files")
-    if args.dataset in ("ag_news", "yahoo_answers") and args.features is None and args.data_root is None:
+    if args.dataset in ("ag_news", "yahoo_answers") and args.features is None and args.data_root is None \
+            and not predicting:
         p.error(f"--dataset {args.dataset} needs --features (embeddings .npz) or --data-root (train.csv, test.csv)")
     if args.split is not None and args.labels_per_class is not None:
         p.error("give either --split FILE or --labels-per-class N, not both")
     if args.labels_per_class is not None and args.labels_per_class < 1:
         p.error(f"--labels-per-class must be >= 1, got {args.labels_per_class}")
-    if args.split is None and args.num_labeled is None and args.labels_per_class is None:
+    if args.split is None and args.num_labeled is None and args.labels_per_class is None and not predicting:
         p.error("give --split FILE, --num-labeled N or --labels-per-class N")
     for name in ("lr", "epochs"):
         if not getattr(args, name) > 0:
@@ -177,8 +204,72 @@ def load_data(args) -> T.TabularData:
     return T.TabularData(x, y, xt, yt, args.dataset).standardized()
 
 
+def read_rows(path: str) -> np.ndarray:
+    """(N, D) float64 feature rows of a .npz (array x / X / features) or a CSV of numbers (header line optional)."""
+    if not os.path.exists(path):
+        raise SystemExit(f"--predict: {path} not found")
+    if path.endswith(".npz"):
+        from flowgmm_fast.data._files import open_npz
+
+        with open_npz(path, "--predict file") as f:
+            key = next((k for k in ("x", "X", "features") if k in f.files), None)
+            if key is None:
+                raise SystemExit(f"--predict: {path} holds no array x / X / features (found {sorted(f.files)})")
+            x = np.asarray(f[key], np.float64)
+    else:
+        with open(path) as f:
+            first = f.readline()
+        try:
+            [float(v) for v in first.strip().split(",")]
+            skip = 0
+        except ValueError:
+            skip = 1  # a header line
+        x = np.loadtxt(path, delimiter=",", skiprows=skip, ndmin=2, dtype=np.float64)
+    if x.ndim != 2 or not np.all(np.isfinite(x)):
+        raise SystemExit(f"--predict: {path} must hold a 2-D table of finite numbers, got shape {x.shape}")
+    return x
+
+
+def predict_file(args) -> dict:
+    """--predict: the saved run's model and standardisation on new rows; writes the predictions CSV."""
+    ckpt_path = os.path.join(args.run_dir, "last.pt")
+    saved = read_checkpoint(ckpt_path)["extra"]
+    if "scaler_mean" not in saved:
+        raise SystemExit(f"--predict: {ckpt_path} does not store the standardisation (written by an older version); "
+                         "retrain the run")
+    a = argparse.Namespace(**saved["args"])
+    mean, std = np.asarray(saved["scaler_mean"]), np.asarray(saved["scaler_std"])
+    x = read_rows(args.predict)
+    if x.shape[1] != mean.size:
+        raise SystemExit(f"--predict: {args.predict} has {x.shape[1]} feature columns; the model was trained on "
+                         f"{mean.size}")
+    model = build_tabular_flowgmm(mean.size, int(saved["num_classes"]), num_coupling_layers=a.num_coupling_layers,
+                                  hidden_dim=a.hidden_dim, num_layers=a.num_layers, dropout=a.dropout)
+    load_checkpoint(ckpt_path, model, restore_rng=False)
+    model.eval()
+    z = torch.from_numpy(((x - mean) / std).astype(np.float32))
+    with torch.no_grad():
+        proba = torch.cat([model.predict_proba(z[i:i + 10000]) for i in range(0, z.shape[0], 10000)]).numpy()
+    out = args.predictions or os.path.join(args.run_dir, "predictions.csv")
+    with open(out, "w") as f:
+        f.write("class," + ",".join(f"p_{k}" for k in range(proba.shape[1])) + "\n")
+        for row in proba:
+            f.write(f"{int(row.argmax())}," + ",".join(f"{v:.6g}" for v in row) + "\n")
+    result = {"predictions": out, "rows": int(x.shape[0]), "counts": np.bincount(proba.argmax(1),
+                                                                                 minlength=proba.shape[1]).tolist()}
+    print(json.dumps(result))
+    return result
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.predict is not None:
+        return predict_file(args)
+    changes = {}
+    if args.resume:  # the saved arguments, before anything is built from them
+        saved = read_checkpoint(os.path.join(args.run_dir, "last.pt"))["extra"].get("args")
+        changes = reconcile_resume_args(args, saved, build_parser(), argv, mutable=RESUME_MUTABLE,
+                                        environment=RESUME_ENVIRONMENT)
     if args.threads:
         torch.set_num_threads(args.threads)
     seed_everything(args.seed)
@@ -228,11 +319,20 @@ def main(argv=None) -> dict:
         if extra.get("labeled_idx") != labeled_idx.tolist():
             raise SystemExit("--resume: the checkpoint was trained on a different labeled split")
 
+    def on_resume(trainer, _extra):  # the mutable flags changed: the loss weights and lengths reach FitConfig
+        if "lr" in changes:  # the restored optimizer and schedule carry the saved lr
+            set_learning_rate(trainer.optimizers["flow"], trainer.schedulers["flow"], args.lr)
+        if changes:
+            trainer.logger.write(f"resume: changed {', '.join(map(str, changes.values()))} (applied from step "
+                                 f"{trainer.step})")
+
     fit = fit_flowgmm(model, x, labels, config, evaluate=evaluate, eval_every=args.eval_every,
                       ckpt_path=os.path.join(args.run_dir, "last.pt"), save_every=args.save_every,
                       logger=TrainLogger(args.run_dir, progress_bar=not args.no_progress), resume=args.resume,
-                      extra_state=lambda: {"args": vars(args), "labeled_idx": labeled_idx.tolist()},
-                      check_resume=check_resume, stop_at=args.stop_at)
+                      extra_state=lambda: {"args": vars(args), "labeled_idx": labeled_idx.tolist(),
+                                           "scaler_mean": data.scaler.mean.tolist(),
+                                           "scaler_std": data.scaler.std.tolist(), "num_classes": data.num_classes},
+                      check_resume=check_resume, on_resume=on_resume, stop_at=args.stop_at)
     metrics = fit.metrics
     result = {"dataset": args.dataset, "seed": args.seed, "labels": int(labeled_idx.size), "steps": fit.steps,
               "epochs": fit.epochs[-1]["epoch"] if fit.epochs else 0.0, "dim": data.dim,

@@ -7,7 +7,8 @@ Backends
               Triton interpreter (``TRITON_INTERPRET=1`` set before triton is imported; slow, for testing).
 ``"native"``  the compiled C++/CUDA extension ``flowgmm_fast._C`` (:mod:`flowgmm_fast.ops.native_ops`); CPU tensors,
               and CUDA tensors when the extension was built with CUDA.
-``"auto"``    (default) per op and device, the fastest backend that is available (see :data:`AUTO_PREFERENCE`).
+``"auto"``    (default) per op and device, the fastest backend that is available (see :data:`AUTO_PREFERENCE`);
+              on CUDA only among the backends a GPU run has validated (:data:`CUDA_VALIDATED`), else the reference.
 
 The choice is process-global and read once per op call; :func:`use_backend` changes it for a ``with`` block. The
 environment variable ``FLOWGMM_FAST_BACKEND`` sets the initial value (read once, at import).
@@ -42,6 +43,12 @@ AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
     "cuda": ("triton", "native", "torch"),
     "cpu": ("native", "torch"),
 }
+
+# The fast backends that benchmarks/gpu_check.sh has run and passed on a GPU, with its results file committed in
+# benchmarks/results/ as the evidence. "auto" on CUDA picks only among these (then the reference): the Triton and
+# CUDA kernels are compiled and tested on the CPU (the interpreter, the CPU kernels) but have not yet run on a GPU.
+# Users opt in explicitly: set_backend("triton"), FLOWGMM_FAST_BACKEND=native, or set_auto_table({"cuda": {...}}).
+CUDA_VALIDATED: tuple[str, ...] = ()
 
 # Optional per-op override of AUTO_PREFERENCE, per device type, filled from a measured benchmark table
 # (op name -> backend name). Set through :func:`set_auto_table`.
@@ -220,7 +227,10 @@ def _resolve(op: str, device_type: str, current: str) -> str:
             raise BackendUnavailableError(f"backend {current!r} does not support {device_type} tensors{hint}")
         return current
     preferred = _AUTO_TABLE.get(device_type, {}).get(op)
-    order = ((preferred,) if preferred else ()) + AUTO_PREFERENCE.get(device_type, ("torch",))
+    order = AUTO_PREFERENCE.get(device_type, ("torch",))
+    if device_type == "cuda":
+        order = tuple(b for b in order if b == "torch" or b in CUDA_VALIDATED)
+    order = ((preferred,) if preferred else ()) + order
     for candidate in order:
         if unavailable_reason(candidate) is None:
             if device_supported(candidate, device_type):

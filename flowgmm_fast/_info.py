@@ -108,7 +108,7 @@ def collect() -> dict:
         warnings.simplefilter("ignore")
         for name in _backend.BACKENDS:
             if name == "auto":
-                backends[name] = {"available": True, "per_op": {
+                backends[name] = {"available": True, "cuda_validated": list(_backend.CUDA_VALIDATED), "per_op": {
                     d: {op: _backend._resolve(op, d, "auto") for op in _backend.OPS} for d in device_types}}
                 continue
             reason = _backend.unavailable_reason(name)
@@ -167,6 +167,8 @@ def report(info: dict | None = None) -> str:
             for device, ops in b["per_op"].items():
                 picks = ", ".join(f"{op}={backend}" for op, backend in ops.items())
                 lines.append(f"  {'auto' if device == 'cpu' else '':<8} {device}: {picks}")
+            lines.append(f"  {'':<8} on CUDA, auto picks only GPU-validated fast backends: "
+                         f"{', '.join(b['cuda_validated']) or 'none yet (opt in with set_backend)'}")
         elif b["available"]:
             lines.append(f"  {name:<8} available on {', '.join(b['devices']) or 'no device here'}")
         else:

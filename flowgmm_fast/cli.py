@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .data._files import open_npz
+
 __all__ = ["main", "read_table"]
 
 
@@ -50,7 +52,7 @@ def read_table(path: str, label_column: str | None = None):
     if not os.path.isfile(path):
         raise CLIError(f"data file not found: {path}")
     if path.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as f:
+        with open_npz(path, "data file", CLIError) as f:
             xk = next((k for k in ("X", "x", "features") if k in f.files), None)
             if xk is None:
                 raise CLIError(f"{path}: needs an array 'X' (or 'x'); found {sorted(f.files)}")

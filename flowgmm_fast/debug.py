@@ -5,7 +5,10 @@ sync per layer. Here nothing on the hot path syncs; turn the checks on while hun
 
     flowgmm_fast.debug.enable()            # or FLOWGMM_FAST_DEBUG=1 in the environment
 
-Then every coupling checks that its input and output are finite, and GMM labels are range-checked on CUDA too.
+Then every op of :mod:`flowgmm_fast.functional` (affine_coupling, squeeze2x2, logit_transform, gmm_log_prob,
+gmm_nll) checks that its floating inputs and outputs are finite, naming the op and the tensor; GMM labels are
+range-checked on CUDA too (on the CPU they always are), and masks are checked for 0/1 values on every call rather
+than once per mask tensor. Not inside torch.compile (a data-dependent check would break the graph).
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .nn._checks import check_int
 from .nn.gmm import GaussianMixture
 
 
@@ -35,12 +36,23 @@ class FlowGMM(nn.Module):
 
     def __init__(self, flow: nn.Module, prior: GaussianMixture, event_shape: tuple[int, ...] | None = None):
         super().__init__()
+        if not isinstance(flow, nn.Module):
+            raise TypeError(f"flow must be an nn.Module mapping x to (z, sldj), got {type(flow).__name__}")
+        if not isinstance(prior, GaussianMixture):
+            raise TypeError(f"prior must be a flowgmm_fast.nn.GaussianMixture, got {type(prior).__name__}")
         self.flow = flow
         self.prior = prior
-        self.event_shape = tuple(event_shape) if event_shape is not None else getattr(flow, "event_shape", None)
+        if event_shape is not None:
+            event_shape = tuple(check_int("event_shape entries", n, 1) for n in event_shape)
+            if math.prod(event_shape) != prior.dim:
+                raise ValueError(f"event_shape {event_shape} holds {math.prod(event_shape)} values but the prior has "
+                                 f"dim={prior.dim}")
+        self.event_shape = event_shape if event_shape is not None else getattr(flow, "event_shape", None)
 
     def encode(self, x: torch.Tensor):
         """(z (B, D), sldj (B,)) with z = f(x) flattened."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         z, sldj = self.flow(x)
         z = z.reshape(z.shape[0], -1)
         if z.shape[1] != self.prior.dim:
@@ -64,7 +76,10 @@ class FlowGMM(nn.Module):
 
     def bits_per_dim(self, x, num_bins: int = 256) -> torch.Tensor:
         """(B,) bits/dim of dequantised 8-bit data: (nll + D ln num_bins) / (D ln 2), D = numel of one sample."""
-        d = x[0].numel()
+        num_bins = check_int("num_bins", num_bins, 2)
+        if not isinstance(x, torch.Tensor) or x.dim() < 1:
+            raise TypeError(f"x must be a batched torch.Tensor, got {type(x).__name__}")
+        d = math.prod(x.shape[1:])
         return (self.nll(x) + d * math.log(num_bins)) / (d * math.log(2))
 
     def class_logits(self, x) -> torch.Tensor:
@@ -83,6 +98,7 @@ class FlowGMM(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, class_id: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
         """n samples x = f^{-1}(z), z from the mixture (or from component ``class_id``)."""
+        n = check_int("n", n, 0)
         if self.event_shape is None:
             raise ValueError("FlowGMM.sample needs the data shape: pass event_shape=(C, H, W) to FlowGMM for an "
                              "image flow")

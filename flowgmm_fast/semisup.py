@@ -390,7 +390,8 @@ def fit_flowgmm(model: FlowGMM, x: torch.Tensor, labels: torch.Tensor, config: F
                 evaluate: Callable[[Trainer], dict] | None = None, eval_every: int | None = None,
                 ckpt_path=None, save_every: int | None = None, logger: TrainLogger | None = None,
                 resume: bool = False, extra_state: Callable[[], dict] | None = None,
-                check_resume: Callable[[dict], None] | None = None, stop_at: int | None = None) -> FitResult:
+                check_resume: Callable[[dict], None] | None = None,
+                on_resume: Callable[[Trainer, dict], None] | None = None, stop_at: int | None = None) -> FitResult:
     """Train ``model`` in place on (x, labels) with the recipe of the module docstring; returns a :class:`FitResult`.
     The model is left in eval mode (the best epoch's weights with early stopping).
 
@@ -399,7 +400,9 @@ def fit_flowgmm(model: FlowGMM, x: torch.Tensor, labels: torch.Tensor, config: F
     training features of a batch (e.g. dequantisation; ``x`` itself is used for the EM step and the held-out NLL).
     ``progress``: a tqdm bar over steps (a string names it). ``evaluate`` / ``eval_every``: the caller's metrics
     (e.g. test accuracy), every ``eval_every`` steps and at the end. ``ckpt_path`` / ``save_every`` / ``resume`` /
-    ``extra_state``: checkpoints through the Trainer (``check_resume(extra)`` may reject a checkpoint); ``stop_at``:
+    ``extra_state``: checkpoints through the Trainer (``check_resume(extra)`` may reject a checkpoint;
+    ``on_resume(trainer, extra)`` runs once the state is restored, e.g. to apply a new learning rate to the restored
+    optimizer and schedule with :func:`flowgmm_fast.training.set_learning_rate`); ``stop_at``:
     end (with a checkpoint) at this step, the schedule unchanged, to continue later with ``resume``. ``logger``:
     a :class:`TrainLogger` (TensorBoard); by default an in-memory one. Dropout and the batch order depend on
     ``config.seed`` only: the global RNG is re-seeded inside ``torch.random.fork_rng``, so the caller's RNG state is
@@ -441,6 +444,8 @@ def fit_flowgmm(model: FlowGMM, x: torch.Tensor, labels: torch.Tensor, config: F
                 check_resume(extra)
             if "epoch_end" in extra:
                 hook.load_state_dict(extra["epoch_end"])
+            if on_resume is not None:
+                on_resume(trainer, extra)
 
         def compute_loss(batch, _trainer):
             xb, lb = batch

@@ -14,6 +14,8 @@ pick block sizes and launch them. The custom ops with autograd live in :mod:`flo
 
 Dtypes: float32, bfloat16 and float16 tensors are loaded and computed in fp32 and stored once in the input dtype;
 log-dets, NLLs and logits are fp32. The launchers do not take float64 (the backend routes it to the reference).
-Scalars are cast to fp32 inside the kernels; non-contiguous inputs are made contiguous by the launchers. On the CPU
-the same kernels run under the Triton interpreter (TRITON_INTERPRET=1, for tests).
+Scalars are cast to fp32 inside the kernels; non-contiguous inputs are made contiguous by the launchers. Each launcher
+runs with its input's CUDA device current (``_common.on_input_device``), so on that device's current stream. Offsets
+that can pass 2^31 at sizes that fit one GPU are computed in int64 (``_common.partial_row``, the IDX64 constexprs). On
+the CPU the same kernels run under the Triton interpreter (TRITON_INTERPRET=1, for tests).
 """

@@ -19,7 +19,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import num_warps_for, tanh_f32, tile_2d
+from ._common import (
+    check_grid,
+    num_warps_for,
+    on_input_device,
+    partial_row,
+    tanh_f32,
+    tanh_slope_f32,
+    tile_2d,
+    wide_index,
+)
 
 __all__ = ["coupling_forward", "coupling_backward"]
 
@@ -36,21 +45,31 @@ def _free_mask(mask_ptr, off, inb, sp, W, parity, MASK_MODE: tl.constexpr):
 
 
 @triton.jit
+def _tile_index(pc, ps, C, S, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, IDX64: tl.constexpr):
+    """Channels c, positions sp and offsets c * S + sp within one sample's (C, S) plane of tile (pc, ps); in int64
+    when IDX64 (the launcher sets it once C * S can pass int32), else int32."""
+    if IDX64:
+        pc = pc.to(tl.int64)
+        ps = ps.to(tl.int64)
+    c = pc * BLOCK_C + tl.arange(0, BLOCK_C)
+    sp = ps * BLOCK_S + tl.arange(0, BLOCK_S)
+    return c, sp, c[:, None] * S + sp[None, :]
+
+
+@triton.jit
 def _coupling_fwd_kernel(x_ptr, s_ptr, t_ptr, scale_ptr, mask_ptr, sldj_ptr, y_ptr, ldj_ptr,
                          C, S, W, parity,
                          HAS_SCALE: tl.constexpr, MASK_MODE: tl.constexpr, REVERSE: tl.constexpr,
                          HAS_SLDJ: tl.constexpr, ONE_TILE: tl.constexpr,
-                         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+                         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, IDX64: tl.constexpr):
     """y = (x + t_m) exp(s_m) (reverse: x exp(-s_m) - t_m) on one (BLOCK_C, BLOCK_S) tile of sample b, and the tile's
     log-det +-sum s_m: stored to ldj_ptr[b] (+ sldj[b]) when ONE_TILE, else to the partial ldj_ptr[b, tile]."""
     b = tl.program_id(0)
     pc = tl.program_id(1)
     ps = tl.program_id(2)
-    c = pc * BLOCK_C + tl.arange(0, BLOCK_C)
-    sp = ps * BLOCK_S + tl.arange(0, BLOCK_S)
+    c, sp, off = _tile_index(pc, ps, C, S, BLOCK_C, BLOCK_S, IDX64)
     cm = c < C
     inb = cm[:, None] & (sp < S)[None, :]
-    off = c[:, None] * S + sp[None, :]
     base = b.to(tl.int64) * C * S
     x = tl.load(x_ptr + base + off, mask=inb, other=0.0).to(tl.float32)
     s = tl.load(s_ptr + base + off, mask=inb, other=0.0).to(tl.float32)
@@ -75,8 +94,7 @@ def _coupling_fwd_kernel(x_ptr, s_ptr, t_ptr, scale_ptr, mask_ptr, sldj_ptr, y_p
             ldj += tl.load(sldj_ptr + b).to(tl.float32)
         tl.store(ldj_ptr + b, ldj)
     else:
-        tile = pc * tl.num_programs(2) + ps
-        tl.store(ldj_ptr + b * tl.num_programs(1) * tl.num_programs(2) + tile, ldj)
+        tl.store(ldj_ptr + partial_row(b, tl.num_programs(1) * tl.num_programs(2), pc * tl.num_programs(2) + ps), ldj)
 
 
 @triton.jit
@@ -84,7 +102,7 @@ def _coupling_bwd_kernel(x_ptr, s_ptr, t_ptr, scale_ptr, mask_ptr, gy_ptr, gldj_
                          gx_ptr, gs_ptr, gt_ptr, gscale_ptr,
                          C, S, W, parity,
                          HAS_SCALE: tl.constexpr, MASK_MODE: tl.constexpr, REVERSE: tl.constexpr,
-                         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+                         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, IDX64: tl.constexpr):
     """Backward of _coupling_fwd_kernel recomputed from its inputs (g = grad of the loss; gl = grad of ldj_out[b]):
         forward: gx = gy e^{s_m}, gt = free gx, g_{s_m} = gy y + gl;  reverse: gx = gy e^{-s_m}, gt = -free gy,
         g_{s_m} = -gy x e^{-s_m} - gl;  g_{s_eff} = free g_{s_m};  gs = g_{s_eff} scale (1 - tanh^2 s) (or g_{s_eff});
@@ -92,11 +110,9 @@ def _coupling_bwd_kernel(x_ptr, s_ptr, t_ptr, scale_ptr, mask_ptr, gy_ptr, gldj_
     b = tl.program_id(0)
     pc = tl.program_id(1)
     ps = tl.program_id(2)
-    c = pc * BLOCK_C + tl.arange(0, BLOCK_C)
-    sp = ps * BLOCK_S + tl.arange(0, BLOCK_S)
+    c, sp, off = _tile_index(pc, ps, C, S, BLOCK_C, BLOCK_S, IDX64)
     cm = c < C
     inb = cm[:, None] & (sp < S)[None, :]
-    off = c[:, None] * S + sp[None, :]
     base = b.to(tl.int64) * C * S
     x = tl.load(x_ptr + base + off, mask=inb, other=0.0).to(tl.float32)
     s_raw = tl.load(s_ptr + base + off, mask=inb, other=0.0).to(tl.float32)
@@ -127,9 +143,9 @@ def _coupling_bwd_kernel(x_ptr, s_ptr, t_ptr, scale_ptr, mask_ptr, gy_ptr, gldj_
         gt = gt * free
         g_sm = g_sm * free
     if HAS_SCALE:
-        gs = g_sm * sc * (1.0 - th * th)
+        gs = g_sm * sc * tanh_slope_f32(s_raw)
         gsc = tl.sum(tl.where(inb, g_sm * th, 0.0), axis=1)
-        tl.store(gscale_ptr + (b * tl.num_programs(2) + ps) * C + c, gsc, mask=cm)
+        tl.store(gscale_ptr + partial_row(b, tl.num_programs(2), ps) * C + c, gsc, mask=cm)
     else:
         gs = g_sm
     tl.store(gx_ptr + base + off, gx.to(gx_ptr.dtype.element_ty), mask=inb)
@@ -149,6 +165,7 @@ def _mask_mode(mask, checker_parity: int) -> int:
     return 2 if checker_parity >= 0 else 1 if mask is not None else 0
 
 
+@on_input_device
 def coupling_forward(x, s, t, scale, mask, checker_parity: int, reverse: bool, sldj):
     """Launch the fused coupling: x, s, t (B, C, *S) fp32/bf16/fp16; scale None or (C,); mask None or (C, *S);
     checker_parity -1/0/1; sldj None or (B,) fp32. Returns (y (B, C, *S) in x.dtype, ldj_out (B,) fp32) with
@@ -160,6 +177,7 @@ def coupling_forward(x, s, t, scale, mask, checker_parity: int, reverse: bool, s
         return y, torch.zeros(0, dtype=torch.float32, device=x.device)
     block_c, block_s = tile_2d(c, n_s)
     grid = (b, triton.cdiv(c, block_c), triton.cdiv(n_s, block_s))
+    check_grid(grid, "coupling")
     one_tile = grid[1] * grid[2] == 1
     ldj = torch.empty((b,) if one_tile else (b, grid[1] * grid[2]), dtype=torch.float32, device=x.device)
     mode = _mask_mode(mask, checker_parity)
@@ -168,7 +186,8 @@ def coupling_forward(x, s, t, scale, mask, checker_parity: int, reverse: bool, s
         sldj.contiguous() if sldj is not None else ldj, y, ldj,
         c, n_s, w, max(checker_parity, 0),
         HAS_SCALE=scale is not None, MASK_MODE=mode, REVERSE=bool(reverse), HAS_SLDJ=sldj is not None,
-        ONE_TILE=one_tile, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=num_warps_for(block_c * block_s))
+        ONE_TILE=one_tile, BLOCK_C=block_c, BLOCK_S=block_s, IDX64=wide_index(c * n_s),
+        num_warps=num_warps_for(block_c * block_s))
     if not one_tile:
         ldj = ldj.sum(1)
         if sldj is not None:
@@ -176,6 +195,7 @@ def coupling_forward(x, s, t, scale, mask, checker_parity: int, reverse: bool, s
     return y, ldj
 
 
+@on_input_device
 def coupling_backward(grad_y, grad_ldj, x, s, t, scale, mask, checker_parity: int, reverse: bool):
     """Backward of :func:`coupling_forward` from its inputs: grad_y (B, C, *S), grad_ldj (B,) fp32 (the grad of
     ldj_out; the grad of sldj is grad_ldj itself). Returns (grad_x, grad_s, grad_t, grad_scale (C,) fp32 or None).
@@ -187,6 +207,7 @@ def coupling_backward(grad_y, grad_ldj, x, s, t, scale, mask, checker_parity: in
     grid = (b, triton.cdiv(c, block_c), triton.cdiv(n_s, block_s))
     if b == 0:
         return gx, gs, gt, None if scale is None else torch.zeros(c, dtype=torch.float32, device=x.device)
+    check_grid(grid, "coupling")
     gscale = None if scale is None else torch.empty((b * grid[2], c), dtype=torch.float32, device=x.device)
     mode = _mask_mode(mask, checker_parity)
     _coupling_bwd_kernel[grid](
@@ -194,5 +215,5 @@ def coupling_backward(grad_y, grad_ldj, x, s, t, scale, mask, checker_parity: in
         grad_y, grad_ldj.contiguous(), gx, gs, gt, gscale if gscale is not None else gx,
         c, n_s, w, max(checker_parity, 0),
         HAS_SCALE=scale is not None, MASK_MODE=mode, REVERSE=bool(reverse),
-        BLOCK_C=block_c, BLOCK_S=block_s, num_warps=num_warps_for(block_c * block_s))
+        BLOCK_C=block_c, BLOCK_S=block_s, IDX64=wide_index(c * n_s), num_warps=num_warps_for(block_c * block_s))
     return gx, gs, gt, None if gscale is None else gscale.sum(0)

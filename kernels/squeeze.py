@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import on_input_device
+
 __all__ = ["squeeze2x2"]
 
 _BLOCK = 1024
@@ -45,6 +47,7 @@ def _squeeze2x2_kernel(src_ptr, dst_ptr, n, C, H2, W2,
         tl.store(dst_ptr + q, tl.load(src_ptr + u, mask=m), mask=m)
 
 
+@on_input_device
 def squeeze2x2(x: torch.Tensor, reverse: bool, alt_order: bool) -> torch.Tensor:
     """x (B, C, H, W) -> (B, 4C, H/2, W/2), or the inverse when ``reverse`` (x (B, 4C, H, W) -> (B, C, 2H, 2W)).
     Any dtype (a copy); one launch."""

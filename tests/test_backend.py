@@ -95,3 +95,23 @@ def test_every_backend_module_exposes_every_op():
         module = _backend._load(name)
         for op in _backend.OPS:
             assert callable(getattr(module, op)), f"backend {name} lacks {op}"
+
+
+def test_auto_on_cuda_picks_only_gpu_validated_backends(monkeypatch):
+    # no GPU run has validated the fast kernels yet: "auto" on CUDA tensors runs the reference; a validated backend
+    # (or an explicit per-op table entry) is picked when available. _resolve is called with the device type directly,
+    # so this runs without a GPU; availability is faked.
+    monkeypatch.setattr(_backend, "unavailable_reason", lambda name: None)
+    monkeypatch.setattr(_backend, "device_supported", lambda name, device_type: True)
+    monkeypatch.setattr(_backend, "_AUTO_TABLE", {"cpu": {"squeeze2x2": "torch"}})
+    assert _backend.CUDA_VALIDATED == ()
+    assert _backend._resolve("affine_coupling", "cuda", "auto") == "torch"
+    assert _backend._resolve("affine_coupling", "cpu", "auto") == "native"
+    monkeypatch.setattr(_backend, "CUDA_VALIDATED", ("native",))
+    assert _backend._resolve("affine_coupling", "cuda", "auto") == "native"
+    monkeypatch.setattr(_backend, "CUDA_VALIDATED", ("triton", "native"))
+    assert _backend._resolve("gmm_nll", "cuda", "auto") == "triton"
+    monkeypatch.setattr(_backend, "CUDA_VALIDATED", ())
+    _backend.set_auto_table({"cuda": {"gmm_nll": "triton"}})  # the user's explicit opt-in
+    assert _backend._resolve("gmm_nll", "cuda", "auto") == "triton"
+    assert _backend._resolve("logit_transform", "cuda", "auto") == "torch"

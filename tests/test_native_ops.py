@@ -360,7 +360,9 @@ def test_opcheck(device):
 def test_opcheck_backward_ops(device):
     (x, s, t, sc, sl), m, _ = _coupling_inputs((2, 3, 4, 4), "tensor", True, True, device)
     torch.library.opcheck(_ops().coupling_bwd.default, (torch.randn_like(x), sl, x, s, t, sc, m, -1, False))
-    torch.library.opcheck(_ops().logit_bwd.default, (torch.randn_like(x), sl, x.sigmoid(), 0.05, False, None))
+    torch.library.opcheck(_ops().logit_bwd.default, (torch.randn_like(x), sl, x.sigmoid(), 0.05, False, None, False))
+    torch.library.opcheck(_ops().logit_bwd.default, (torch.randn_like(x), sl, x.sigmoid(), 0.05, False,
+                                                     torch.rand_like(x), True))
     (z, means, log_std, w), lab = _gmm_inputs(4, 3, 5, True, True, "mixed", device)
     _, logits = _ops().gmm_fwd(z, means, log_std, w, lab, 0.5)
     torch.library.opcheck(_ops().gmm_bwd.default, (torch.randn(4, device=device), torch.randn_like(logits), z, means,

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from flowgmm_fast.data import tabular as T
+from flowgmm_fast.training import read_checkpoint
 from helpers import load_experiment
 
 
@@ -68,8 +69,8 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     script.main([*args, "--run-dir", str(tmp_path / "part"), "--stop-at", "5"])
     resumed = script.main([*args, "--run-dir", str(tmp_path / "part"), "--resume"])
     assert resumed["steps"] == full["steps"] == 9
-    a = torch.load(tmp_path / "full" / "last.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "part" / "last.pt", weights_only=False)["model"]
+    a = read_checkpoint(tmp_path / "full" / "last.pt")["model"]
+    b = read_checkpoint(tmp_path / "part" / "last.pt")["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
@@ -130,3 +131,26 @@ def test_labels_per_class_on_an_imbalanced_table_and_run_folders_per_table(tmp_p
     b = script.parse_args([*base, "--features", str(tmp_path / "other.npz"), "--labels-per-class", "5"]).run_dir
     assert a != b and "imb" in a and "other" in b
     assert a == script.parse_args([*base, "--features", str(tmp_path / "imb.npz"), "--labels-per-class", "5"]).run_dir
+
+
+def test_predict_new_rows_from_a_run_with_its_stored_standardisation(tmp_path):
+    x, y = _blobs(150, 2)
+    x = x * 50.0 + 300.0  # far from standardised: a prediction that skipped the stored scaler would be wrong
+    T.save_features(str(tmp_path / "f.npz"), x, y, x[:40], y[:40])
+    script = _script()
+    base = ["--dataset", "custom", "--features", str(tmp_path / "f.npz"), "--run-dir", str(tmp_path / "run")]
+    trained = script.main([*base, "--num-labeled", "9", "--epochs", "3", *COMMON])
+    with open(tmp_path / "new.csv", "w") as f:
+        f.write("a,b,c,d\n")
+        for row in x[:40]:
+            f.write(",".join(f"{v:.6f}" for v in row) + "\n")
+    r = script.main([*base, "--predict", str(tmp_path / "new.csv"), "--predictions", str(tmp_path / "p.csv")])
+    lines = (tmp_path / "p.csv").read_text().splitlines()
+    assert lines[0] == "class,p_0,p_1,p_2" and len(lines) == 41 and r["rows"] == 40
+    pred = np.array([int(line.split(",")[0]) for line in lines[1:]])
+    assert np.mean(pred == y[:40]) == pytest.approx(trained["test_accuracy"], abs=1e-6)  # the run's own test rows
+    probs = np.array([[float(v) for v in line.split(",")[1:]] for line in lines[1:]])
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    with pytest.raises(SystemExit, match="feature columns"):
+        np.savez(tmp_path / "bad.npz", x=x[:5, :3])
+        script.main([*base, "--predict", str(tmp_path / "bad.npz")])

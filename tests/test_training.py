@@ -17,8 +17,8 @@ import flowgmm_fast
 from flowgmm_fast import training
 from flowgmm_fast.training import (CheckpointError, NonFiniteGuard, NonFiniteLossError, Trainer, TrainLogger,
                                    atomic_save, flowgmm_cons_loss, linear_rampup, load_checkpoint,
-                                   make_lr_scheduler, save_checkpoint, seed_everything, semisup_loss,
-                                   weight_decay_param_groups)
+                                   make_lr_scheduler, read_checkpoint, save_checkpoint, seed_everything,
+                                   semisup_loss, weight_decay_param_groups)
 
 
 def tiny_model(channels=1, size=8, mid=4, dequantize=True):
@@ -90,7 +90,7 @@ def test_checkpoint_roundtrip_and_mismatch(tmp_path):
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     path = save_checkpoint(tmp_path / "c.pt", model, step=7, epoch=1.75, optimizers={"flow": opt},
                            extra={"note": "x"})
-    ckpt = torch.load(path, weights_only=False)
+    ckpt = read_checkpoint(path)
     assert {"model", "prior", "optimizers", "schedulers", "step", "epoch", "rng", "extra"} <= set(ckpt)
     expected = torch.rand(3)  # the RNG stream right after the save ...
     other = tiny_model()
@@ -133,16 +133,17 @@ def test_nan_loss_stops_naming_step_and_part_and_keeps_last_good_checkpoint(tmp_
     with pytest.raises(NonFiniteLossError, match=r"step 5: loss part\(s\) 'consistency', 'loss'") as err:
         trainer.fit(tiny_batches(), recording_loss([], nan_at=5), max_steps=8, log_every=2, save_every=2)
     assert err.value.step == 5 and err.value.parts == ["consistency", "loss"]
-    assert torch.load(tmp_path / "last.pt", weights_only=False)["step"] == 4
+    # the step-4 state gave the NaN loss of step 5, so its checkpoint (held until step 5's loss was known) is dropped
+    assert read_checkpoint(tmp_path / "last.pt")["step"] == 2
 
 
 def test_guard_checked_before_save_when_checks_are_sparse(tmp_path):
     trainer = make_trainer(tmp_path, check_every=100)  # no per-step check: the save itself must check
-    with pytest.raises(NonFiniteLossError, match="step 3") as err:
-        trainer.fit(tiny_batches(), recording_loss([], nan_at=3, nan_part="nll"), max_steps=8, log_every=100,
-                    save_every=2)
+    with pytest.raises(NonFiniteLossError, match="step 7") as err:
+        trainer.fit(tiny_batches(), recording_loss([], nan_at=7, nan_part="nll"), max_steps=10, log_every=100,
+                    save_every=3)
     assert err.value.parts == ["nll", "loss"]
-    assert torch.load(tmp_path / "last.pt", weights_only=False)["step"] == 2
+    assert read_checkpoint(tmp_path / "last.pt")["step"] == 3  # step 6's checkpoint waited for step 7's loss
 
 
 def test_guard_records_first_bad_step_without_sync():
@@ -166,8 +167,8 @@ def test_keyboard_interrupt_writes_checkpoint(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         trainer.fit(tiny_batches(), interrupting, max_steps=10, log_every=5)
-    assert torch.load(tmp_path / "last.pt", weights_only=False)["step"] == 3
-    assert signal.getsignal(signal.SIGINT) is not trainer._on_sigint  # handler restored
+    assert read_checkpoint(tmp_path / "last.pt")["step"] == 3
+    assert signal.getsignal(signal.SIGINT) != trainer._on_signal  # handler restored
 
 
 def test_trainer_validates_arguments(tmp_path):

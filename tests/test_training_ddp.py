@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 
 import flowgmm_fast
 from flowgmm_fast.training import (GlobalBatchNorm, Trainer, TrainLogger, flowgmm_cons_loss, init_distributed,
-                                   cleanup_distributed, unwrap_model, wrap_model)
+                                   cleanup_distributed, read_checkpoint, unwrap_model, wrap_model)
 
 GLOBAL_BATCH = 8
 
@@ -103,7 +103,7 @@ def test_ddp_two_cpu_ranks_match_one_process(tmp_path, invertible):
         assert got["grads"].keys() == ref_grads.keys()
         for name, g in ref_grads.items():
             torch.testing.assert_close(got["grads"][name], g, rtol=1e-8, atol=1e-10, msg=lambda m: f"{name}: {m}")
-    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    ckpt = read_checkpoint(tmp_path / "ckpt.pt")
     assert ckpt["step"] == 2 and len(ckpt["rng"]) == 2
     assert not any(n.startswith(".") for n in os.listdir(tmp_path)), "temporary checkpoint file left behind"
 

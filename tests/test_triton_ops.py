@@ -374,7 +374,10 @@ def _opcheck_cases(device):
         (ops.logit_fwd, (torch.rand(2, 3, 4, device=device, requires_grad=True), 0.05, False, r(2),
                          torch.rand(2, 3, 4, device=device))),
         (ops.logit_fwd, (r(2, 7), 0.05, True, None, None)),
-        (ops.logit_bwd, (r(2, 7, grad=False), r(2, grad=False), torch.rand(2, 7, device=device), 0.05, False, None)),
+        (ops.logit_bwd, (r(2, 7, grad=False), r(2, grad=False), torch.rand(2, 7, device=device), 0.05, False, None,
+                         False)),
+        (ops.logit_bwd, (r(2, 7, grad=False), r(2, grad=False), torch.rand(2, 7, device=device), 0.05, False,
+                         torch.rand(2, 7, device=device), True)),
         (ops.gmm_fwd, (r(5, 8), r(3, 8), r(3, 8), r(3), lab, 0.5)),
         (ops.gmm_fwd, (r(5, 8), r(3, 8), r(3), None, None, 1.0)),
         (ops.gmm_bwd, (r(5, grad=False), None, r(5, 8, grad=False), r(3, 8, grad=False), r(3, grad=False), None, lab,
@@ -441,18 +444,26 @@ def test_compiled_training_step_on_cuda_matches_reference():
 def _kernel_specs():
     from flowgmm_fast.kernels import coupling, gmm, logit, squeeze
 
-    gmm_cfg = dict(DIAG=True, BLOCK_B=64, BLOCK_K=16, BLOCK_D=32, PRECISION="tf32x3")
+    gmm_cfg = dict(DIAG=True, BLOCK_B=64, BLOCK_K=16, BLOCK_D=32, PRECISION="tf32x3", IDX64=False)
     return [
         (coupling._coupling_fwd_kernel, dict(HAS_SCALE=True, MASK_MODE=2, REVERSE=False, HAS_SLDJ=True,
-                                             ONE_TILE=True, BLOCK_C=8, BLOCK_S=256)),
-        (coupling._coupling_bwd_kernel, dict(HAS_SCALE=True, MASK_MODE=1, REVERSE=True, BLOCK_C=8, BLOCK_S=256)),
-        (coupling._coupling_bwd_kernel, dict(HAS_SCALE=False, MASK_MODE=0, REVERSE=False, BLOCK_C=4096, BLOCK_S=1)),
+                                             ONE_TILE=True, BLOCK_C=8, BLOCK_S=256, IDX64=False)),
+        (coupling._coupling_fwd_kernel, dict(HAS_SCALE=False, MASK_MODE=0, REVERSE=True, HAS_SLDJ=False,
+                                             ONE_TILE=False, BLOCK_C=8, BLOCK_S=256, IDX64=True)),
+        (coupling._coupling_bwd_kernel, dict(HAS_SCALE=True, MASK_MODE=1, REVERSE=True, BLOCK_C=8, BLOCK_S=256,
+                                             IDX64=True)),
+        (coupling._coupling_bwd_kernel, dict(HAS_SCALE=False, MASK_MODE=0, REVERSE=False, BLOCK_C=4096, BLOCK_S=1,
+                                             IDX64=False)),
         (squeeze._squeeze2x2_kernel, dict(REVERSE=True, ALT_ORDER=True, BLOCK=1024)),
         (logit._logit_fwd_kernel, dict(HAS_NOISE=True, REVERSE=False, HAS_SLDJ=True, ONE_TILE=False, BLOCK=1024)),
-        (logit._logit_bwd_kernel, dict(HAS_NOISE=False, REVERSE=True, BLOCK=1024)),
+        (logit._logit_bwd_kernel, dict(HAS_NOISE=False, NOISE_GRAD=False, REVERSE=True, BLOCK=1024)),
+        (logit._logit_bwd_kernel, dict(HAS_NOISE=True, NOISE_GRAD=True, REVERSE=False, BLOCK=1024)),
         (gmm._gmm_fwd_kernel, dict(gmm_cfg, HAS_WL=True, HAS_LABELS=True)),
         (gmm._gmm_bwd_z_kernel, dict(gmm_cfg, HAS_LABELS=True, HAS_GLOGITS=True)),
         (gmm._gmm_bwd_params_kernel, dict(gmm_cfg)),
+        (gmm._gmm_fwd_kernel, dict(gmm_cfg, DIAG=False, HAS_WL=False, HAS_LABELS=False, IDX64=True)),
+        (gmm._gmm_bwd_z_kernel, dict(gmm_cfg, DIAG=False, HAS_LABELS=False, HAS_GLOGITS=False, IDX64=True)),
+        (gmm._gmm_bwd_params_kernel, dict(gmm_cfg, IDX64=True)),
     ]
 
 

@@ -93,24 +93,23 @@ inline __attribute__((always_inline)) void forward_range(const Args<scalar_t>& a
     for (int64_t b = begin; b < end; ++b) {
       const scalar_t *xr = a.x + b * g.C, *sr = a.s + b * g.C, *tr = a.t + b * g.C;
       scalar_t* yr = a.y + b * g.C;
-      acc ldj = 0;
+      double ldj = 0;
       for (int64_t k = 0; k < a.n_seg; ++k) {
         const Segment sg = a.seg[k];
         if (!sg.compute) {
           std::copy(xr + sg.begin, xr + sg.end, yr + sg.begin);
           continue;
         }
-#pragma omp simd reduction(+ : ldj)
-        for (int64_t c = sg.begin; c < sg.end; ++c) {
+        ldj += blocked_sum<acc>(sg.begin, sg.end, [&](int64_t c) __attribute__((always_inline)) {
           acc s_m;
           const acc keep = kMode == kVecDense ? static_cast<acc>(m[c]) : acc(0);
           yr[c] = static_cast<scalar_t>(math::coupling_forward<acc, kScale, kReverse>(
               static_cast<acc>(xr[c]), static_cast<acc>(sr[c]), static_cast<acc>(tr[c]), kScale ? sc[c] : acc(0),
               keep, s_m));
-          ldj += s_m;
-        }
+          return s_m;
+        });
       }
-      a.row_red[b] = ldj;
+      a.row_red[b] = static_cast<acc>(ldj);
     }
     return;
   }
@@ -121,16 +120,13 @@ inline __attribute__((always_inline)) void forward_range(const Args<scalar_t>& a
     const int64_t o = r * g.S;
     const scalar_t *xr = a.x + o, *sr = a.s + o, *tr = a.t + o;
     scalar_t* yr = a.y + o;
-    acc ldj = 0;
-#pragma omp simd reduction(+ : ldj)
-    for (int64_t w = 0; w < g.S; ++w) {
+    a.row_red[r] = static_cast<acc>(blocked_sum<acc>(0, g.S, [&](int64_t w) __attribute__((always_inline)) {
       acc s_m;
       const acc keep = kMode == kDense ? static_cast<acc>(mrow[w]) : acc(0);
       yr[w] = static_cast<scalar_t>(math::coupling_forward<acc, kScale, kReverse>(
           static_cast<acc>(xr[w]), static_cast<acc>(sr[w]), static_cast<acc>(tr[w]), sc, keep, s_m));
-      ldj += s_m;
-    }
-    a.row_red[r] = ldj;
+      return s_m;
+    }));
   }
 }
 
@@ -180,19 +176,18 @@ inline __attribute__((always_inline)) void backward_range(const Args<scalar_t>& 
     const int64_t o = r * g.S;
     const scalar_t *gyr = a.gy + o, *xr = a.x + o, *sr = a.s + o, *tr = a.t + o;
     scalar_t *gxr = a.gx + o, *gsr = a.gs + o, *gtr = a.gt + o;
-    acc gscale = 0;
-#pragma omp simd reduction(+ : gscale)
-    for (int64_t w = 0; w < g.S; ++w) {
+    const double gscale = blocked_sum<acc>(0, g.S, [&](int64_t w) __attribute__((always_inline)) {
       acc vx, vs, vt;
       const acc keep = kMode == kDense ? static_cast<acc>(mrow[w]) : acc(0);
-      gscale += math::coupling_backward<acc, kScale, kReverse>(static_cast<acc>(gyr[w]), glb, static_cast<acc>(xr[w]),
-                                                               static_cast<acc>(sr[w]), static_cast<acc>(tr[w]), sc,
-                                                               keep, vx, vs, vt);
+      const acc part = math::coupling_backward<acc, kScale, kReverse>(
+          static_cast<acc>(gyr[w]), glb, static_cast<acc>(xr[w]), static_cast<acc>(sr[w]), static_cast<acc>(tr[w]), sc,
+          keep, vx, vs, vt);
       gxr[w] = static_cast<scalar_t>(vx);
       gsr[w] = static_cast<scalar_t>(vs);
       gtr[w] = static_cast<scalar_t>(vt);
-    }
-    if (kScale) a.row_red[r] = gscale;
+      return part;
+    });
+    if (kScale) a.row_red[r] = static_cast<acc>(gscale);
   }
 }
 
@@ -321,18 +316,20 @@ void checker_forward_rows(const Args<float>& a, int64_t begin, int64_t end) {
     const float sc = kScale ? a.scale[r % g.C] : 0.0f;
     const float *xr = a.x + o, *sr = a.s + o, *tr = a.t + o;
     float* yr = a.y + o;
-    float ldj = 0;
+    double ldj = 0;  // the pair blocks' float partials added in double (see blocked_sum in ops.h)
     for (int64_t p0 = 0; p0 < nvec; p0 += kPairBlock) {
       const int64_t np = std::min(kPairBlock, nvec - p0);
       split_pairs(xr, xt, a.odd, p0, np);
       split_pairs(sr, st, a.odd, p0, np);
       split_pairs(tr, tt, a.odd, p0, np);
-#pragma omp simd reduction(+ : ldj)
+      float part = 0;
+#pragma omp simd reduction(+ : part)
       for (int64_t j = 0; j < np; ++j) {
         float s_m;
         yt[j] = math::coupling_forward<float, kScale, kReverse>(xt[j], st[j], tt[j], sc, 0.0f, s_m);
-        ldj += s_m;
+        part += s_m;
       }
+      ldj += part;
       merge_pairs(yr, yt, a.odd, p0, np, xr, 0.0f);
     }
     for (int64_t w = 2 * nvec; w < g.S; ++w) {  // tail: the plain formula with the mask pattern
@@ -340,7 +337,7 @@ void checker_forward_rows(const Args<float>& a, int64_t begin, int64_t end) {
       yr[w] = math::coupling_forward<float, kScale, kReverse>(xr[w], sr[w], tr[w], sc, a.mask[w], s_m);
       ldj += s_m;
     }
-    a.row_red[r] = ldj;
+    a.row_red[r] = static_cast<float>(ldj);
   }
 }
 
@@ -356,22 +353,24 @@ void checker_backward_rows(const Args<float>& a, int64_t begin, int64_t end) {
     const float glb = a.gl ? a.gl[b] : 0.0f;
     const float *gyr = a.gy + o, *xr = a.x + o, *sr = a.s + o, *tr = a.t + o;
     float *gxr = a.gx + o, *gsr = a.gs + o, *gtr = a.gt + o;
-    float gscale = 0;
+    double gscale = 0;
     for (int64_t p0 = 0; p0 < nvec; p0 += kPairBlock) {
       const int64_t np = std::min(kPairBlock, nvec - p0);
       split_pairs(gyr, gyt, a.odd, p0, np);
       split_pairs(xr, xt, a.odd, p0, np);
       split_pairs(sr, st, a.odd, p0, np);
       split_pairs(tr, tt, a.odd, p0, np);
-#pragma omp simd reduction(+ : gscale)
+      float part = 0;
+#pragma omp simd reduction(+ : part)
       for (int64_t j = 0; j < np; ++j) {
         float vx, vs, vt;
-        gscale += math::coupling_backward<float, kScale, kReverse>(gyt[j], glb, xt[j], st[j], tt[j], sc, 0.0f, vx,
-                                                                   vs, vt);
+        part += math::coupling_backward<float, kScale, kReverse>(gyt[j], glb, xt[j], st[j], tt[j], sc, 0.0f, vx,
+                                                                 vs, vt);
         gxt[j] = vx;
         gst[j] = vs;
         gtt[j] = vt;
       }
+      gscale += part;
       merge_pairs(gxr, gxt, a.odd, p0, np, gyr, 0.0f);  // passed through: gx = gy
       merge_pairs(gsr, gst, a.odd, p0, np, nullptr, 0.0f);  // gs = gt = 0
       merge_pairs(gtr, gtt, a.odd, p0, np, nullptr, 0.0f);
@@ -384,7 +383,7 @@ void checker_backward_rows(const Args<float>& a, int64_t begin, int64_t end) {
       gsr[w] = vs;
       gtr[w] = vt;
     }
-    if (kScale) a.row_red[r] = gscale;
+    if (kScale) a.row_red[r] = static_cast<float>(gscale);
   }
 }
 
@@ -461,23 +460,24 @@ void run(bool forward, const Args<scalar_t>& a, bool has_scale, bool reverse, in
 }
 
 // Per-sample log-det from the per-row sums (B, R): sign * sum_r rows[b, r] (+ sldj[b]), in one serial pass (B R is
-// small: rows are (b, c) pairs or samples).
+// small: rows are (b, c) pairs or samples), added in double.
 template <typename acc, typename out_t>
 void finish_ldj(const acc* rows, int64_t B, int64_t R, bool negate, const out_t* sldj, out_t* out) {
   for (int64_t b = 0; b < B; ++b) {
-    acc sum = 0;
+    double sum = 0;
     for (int64_t r = 0; r < R; ++r) sum += rows[b * R + r];
     const out_t v = static_cast<out_t>(negate ? -sum : sum);
     out[b] = sldj ? v + sldj[b] : v;
   }
 }
 
-// Scale gradient from the per-row (or per-chunk) partials (N, C): sum over N, one serial pass.
+// Scale gradient from the per-row (or per-chunk) partials (N, C): sum over N in double, one serial pass.
 template <typename acc>
 void finish_gscale(const acc* partial, int64_t N, int64_t C, acc* out) {
-  for (int64_t c = 0; c < C; ++c) out[c] = 0;
+  std::vector<double> sum(C, 0.0);
   for (int64_t n = 0; n < N; ++n)
-    for (int64_t c = 0; c < C; ++c) out[c] += partial[n * C + c];
+    for (int64_t c = 0; c < C; ++c) sum[c] += partial[n * C + c];
+  for (int64_t c = 0; c < C; ++c) out[c] = static_cast<acc>(sum[c]);
 }
 
 // The segments of a vector row: maximal runs of features with mask == 1 exactly (kept) and of the others. More than

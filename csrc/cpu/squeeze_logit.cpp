@@ -4,6 +4,9 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <cmath>
+
 #include "flowgmm_math.h"
 #include "ops.h"
 
@@ -37,52 +40,54 @@ Tensor squeeze2x2(const Tensor& x_, bool reverse, bool alt_order) {
 
 namespace {
 
-// Samples [begin, end) of the logit transform, N elements each: y and the per-sample log-det sum (reverse: negated).
+// Samples [begin, end) of the logit transform, N elements each: y and the per-sample log-det sum (reverse: negated),
+// the sum blocked (blocked_sum in ops.h).
 template <typename scalar_t, bool kReverse, bool kNoise>
 inline __attribute__((always_inline)) void logit_range(const scalar_t* xp, const scalar_t* np, scalar_t* yp,
                                                       at::opmath_type<scalar_t>* lp, int64_t N,
-                                                      at::opmath_type<scalar_t> a, at::opmath_type<scalar_t> ls,
-                                                      int64_t begin, int64_t end) {
+                                                      at::opmath_type<scalar_t> a, at::opmath_type<scalar_t> sc,
+                                                      at::opmath_type<scalar_t> ls, int64_t begin, int64_t end) {
   using acc = at::opmath_type<scalar_t>;
   for (int64_t b = begin; b < end; ++b) {
     const int64_t o = b * N;
-    acc sum = 0;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < N; ++i) {
+    const double total = blocked_sum<acc>(0, N, [&](int64_t i) __attribute__((always_inline)) {
       acc el;
       acc v = static_cast<acc>(xp[o + i]);
       if constexpr (kReverse) {
-        yp[o + i] = static_cast<scalar_t>(math::logit_reverse(v, a, ls, el));
+        yp[o + i] = static_cast<scalar_t>(math::logit_reverse(v, a, sc, ls, el));
       } else {
         if constexpr (kNoise) v = math::dequantize(v, static_cast<acc>(np[o + i]));
-        yp[o + i] = static_cast<scalar_t>(math::logit_forward(v, a, ls, el));
+        yp[o + i] = static_cast<scalar_t>(math::logit_forward(v, a, sc, ls, el));
       }
-      sum += el;
-    }
-    lp[b] = kReverse ? -sum : sum;
+      return el;
+    });
+    lp[b] = static_cast<acc>(kReverse ? -total : total);
   }
 }
 
 // always_inline: inlined into each ISA clone of the float overload below, so the loops are vectorised for its ISA
 template <typename scalar_t>
-inline __attribute__((always_inline)) void logit_dispatch(bool reverse, const scalar_t* xp, const scalar_t* np, scalar_t* yp, at::opmath_type<scalar_t>* lp,
-                    int64_t N, at::opmath_type<scalar_t> a, at::opmath_type<scalar_t> ls, int64_t begin, int64_t end) {
-  if (reverse) logit_range<scalar_t, true, false>(xp, np, yp, lp, N, a, ls, begin, end);
-  else if (np) logit_range<scalar_t, false, true>(xp, np, yp, lp, N, a, ls, begin, end);
-  else logit_range<scalar_t, false, false>(xp, np, yp, lp, N, a, ls, begin, end);
+inline __attribute__((always_inline)) void logit_dispatch(bool reverse, const scalar_t* xp, const scalar_t* np,
+                                                         scalar_t* yp, at::opmath_type<scalar_t>* lp, int64_t N,
+                                                         at::opmath_type<scalar_t> a, at::opmath_type<scalar_t> sc,
+                                                         at::opmath_type<scalar_t> ls, int64_t begin, int64_t end) {
+  if (reverse) logit_range<scalar_t, true, false>(xp, np, yp, lp, N, a, sc, ls, begin, end);
+  else if (np) logit_range<scalar_t, false, true>(xp, np, yp, lp, N, a, sc, ls, begin, end);
+  else logit_range<scalar_t, false, false>(xp, np, yp, lp, N, a, sc, ls, begin, end);
 }
 
 // float32: a non-template overload (preferred by the call in logit_fwd), one clone per ISA (FLOWGMM_CPU_CLONES, ops.h)
 FLOWGMM_CPU_CLONES void logit_dispatch(bool reverse, const float* xp, const float* np, float* yp, float* lp,
-                                           int64_t N, float a, float ls, int64_t begin, int64_t end) {
-  logit_dispatch<float>(reverse, xp, np, yp, lp, N, a, ls, begin, end);
+                                       int64_t N, float a, float sc, float ls, int64_t begin, int64_t end) {
+  logit_dispatch<float>(reverse, xp, np, yp, lp, N, a, sc, ls, begin, end);
 }
 
+// dL/dx (and with noise dL/dnoise, when gnp is given) of samples [begin, end); see math::logit_grad
 template <typename scalar_t, bool kReverse, bool kNoise>
 inline __attribute__((always_inline)) void logit_grad_range(const scalar_t* gyp, const at::opmath_type<scalar_t>* glp,
                                                            const scalar_t* xp, const scalar_t* np, scalar_t* gxp,
-                                                           int64_t N, at::opmath_type<scalar_t> a, int64_t begin,
-                                                           int64_t end) {
+                                                           scalar_t* gnp, int64_t N, at::opmath_type<scalar_t> a,
+                                                           at::opmath_type<scalar_t> sc, int64_t begin, int64_t end) {
   using acc = at::opmath_type<scalar_t>;
   for (int64_t b = begin; b < end; ++b) {
     const int64_t o = b * N;
@@ -90,26 +95,34 @@ inline __attribute__((always_inline)) void logit_grad_range(const scalar_t* gyp,
 #pragma omp simd
     for (int64_t i = 0; i < N; ++i) {
       const acc nz = kNoise ? static_cast<acc>(np[o + i]) : acc(0);
-      gxp[o + i] = static_cast<scalar_t>(
-          math::logit_input_grad(static_cast<acc>(gyp[o + i]), glb, static_cast<acc>(xp[o + i]), kNoise, nz, a,
-                                 kReverse));
+      const acc g = math::logit_grad(static_cast<acc>(gyp[o + i]), glb, static_cast<acc>(xp[o + i]), kNoise, nz, a,
+                                     sc, kReverse);
+      if constexpr (kNoise) {
+        gxp[o + i] = static_cast<scalar_t>(g * (acc(255) / acc(256)));
+        if (gnp) gnp[o + i] = static_cast<scalar_t>(g / acc(256));
+      } else {
+        gxp[o + i] = static_cast<scalar_t>(g);
+      }
     }
   }
 }
 
 template <typename scalar_t>
-inline __attribute__((always_inline)) void logit_grad_dispatch(bool reverse, const scalar_t* gyp, const at::opmath_type<scalar_t>* glp, const scalar_t* xp,
-                         const scalar_t* np, scalar_t* gxp, int64_t N, at::opmath_type<scalar_t> a, int64_t begin,
-                         int64_t end) {
-  if (reverse) logit_grad_range<scalar_t, true, false>(gyp, glp, xp, np, gxp, N, a, begin, end);
-  else if (np) logit_grad_range<scalar_t, false, true>(gyp, glp, xp, np, gxp, N, a, begin, end);
-  else logit_grad_range<scalar_t, false, false>(gyp, glp, xp, np, gxp, N, a, begin, end);
+inline __attribute__((always_inline)) void logit_grad_dispatch(bool reverse, const scalar_t* gyp,
+                                                              const at::opmath_type<scalar_t>* glp, const scalar_t* xp,
+                                                              const scalar_t* np, scalar_t* gxp, scalar_t* gnp,
+                                                              int64_t N, at::opmath_type<scalar_t> a,
+                                                              at::opmath_type<scalar_t> sc, int64_t begin,
+                                                              int64_t end) {
+  if (reverse) logit_grad_range<scalar_t, true, false>(gyp, glp, xp, np, gxp, gnp, N, a, sc, begin, end);
+  else if (np) logit_grad_range<scalar_t, false, true>(gyp, glp, xp, np, gxp, gnp, N, a, sc, begin, end);
+  else logit_grad_range<scalar_t, false, false>(gyp, glp, xp, np, gxp, gnp, N, a, sc, begin, end);
 }
 
 FLOWGMM_CPU_CLONES void logit_grad_dispatch(bool reverse, const float* gyp, const float* glp, const float* xp,
-                                                const float* np, float* gxp, int64_t N, float a, int64_t begin,
-                                                int64_t end) {
-  logit_grad_dispatch<float>(reverse, gyp, glp, xp, np, gxp, N, a, begin, end);
+                                            const float* np, float* gxp, float* gnp, int64_t N, float a, float sc,
+                                            int64_t begin, int64_t end) {
+  logit_grad_dispatch<float>(reverse, gyp, glp, xp, np, gxp, gnp, N, a, sc, begin, end);
 }
 
 int64_t grain_samples(int64_t N) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, N)); }
@@ -126,7 +139,6 @@ std::tuple<Tensor, Tensor> logit_fwd(const Tensor& x_, double alpha, bool revers
   Tensor y = at::empty_like(x);
   // per-sample log-det in the compute dtype; when that is also the output dtype and there is no sldj, it is the output
   Tensor ldj = at::zeros({B}, x.options().dtype(acc_t));
-  const double log_scale = std::log1p(-2 * alpha);
   if (x.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "logit_fwd_cpu", [&] {
       using acc = at::opmath_type<scalar_t>;
@@ -134,9 +146,10 @@ std::tuple<Tensor, Tensor> logit_fwd(const Tensor& x_, double alpha, bool revers
       const scalar_t* np = noise ? n.data_ptr<scalar_t>() : nullptr;
       scalar_t* yp = y.data_ptr<scalar_t>();
       acc* lp = ldj.data_ptr<acc>();
-      const acc a = static_cast<acc>(alpha), ls = static_cast<acc>(log_scale);
+      const acc a = static_cast<acc>(alpha), sc = static_cast<acc>(1 - 2 * alpha),
+                ls = static_cast<acc>(std::log1p(-2 * alpha));
       at::parallel_for(0, B, grain_samples(N), [&](int64_t begin, int64_t end) {
-        logit_dispatch(reverse, xp, np, yp, lp, N, a, ls, begin, end);
+        logit_dispatch(reverse, xp, np, yp, lp, N, a, sc, ls, begin, end);
       });
     });
   }
@@ -145,8 +158,8 @@ std::tuple<Tensor, Tensor> logit_fwd(const Tensor& x_, double alpha, bool revers
   return {y, ldj};
 }
 
-Tensor logit_bwd(const Tensor& grad_y, const OptTensor& grad_sldj, const Tensor& x_, double alpha, bool reverse,
-                 const OptTensor& noise) {
+std::tuple<Tensor, Tensor> logit_bwd(const Tensor& grad_y, const OptTensor& grad_sldj, const Tensor& x_, double alpha,
+                                     bool reverse, const OptTensor& noise, bool noise_grad) {
   const Tensor x = x_.contiguous();
   const Tensor gy = grad_y.to(x.scalar_type()).contiguous();
   const Tensor n = noise ? noise->contiguous() : Tensor();
@@ -154,7 +167,8 @@ Tensor logit_bwd(const Tensor& grad_y, const OptTensor& grad_sldj, const Tensor&
   const auto acc_t = acc_dtype(x.scalar_type());
   const Tensor gl = grad_sldj ? grad_sldj->to(acc_t).contiguous() : Tensor();
   Tensor gx = at::empty_like(x);
-  if (x.numel() == 0) return gx;
+  Tensor gn = noise && noise_grad ? at::empty_like(x) : at::empty({0}, x.options());
+  if (x.numel() == 0) return {gx, gn};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "logit_bwd_cpu", [&] {
     using acc = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -162,12 +176,13 @@ Tensor logit_bwd(const Tensor& grad_y, const OptTensor& grad_sldj, const Tensor&
     const scalar_t* np = noise ? n.data_ptr<scalar_t>() : nullptr;
     const acc* glp = grad_sldj ? gl.data_ptr<acc>() : nullptr;
     scalar_t* gxp = gx.data_ptr<scalar_t>();
-    const acc a = static_cast<acc>(alpha);
+    scalar_t* gnp = gn.numel() ? gn.data_ptr<scalar_t>() : nullptr;
+    const acc a = static_cast<acc>(alpha), sc = static_cast<acc>(1 - 2 * alpha);
     at::parallel_for(0, B, grain_samples(N), [&](int64_t begin, int64_t end) {
-      logit_grad_dispatch(reverse, gyp, glp, xp, np, gxp, N, a, begin, end);
+      logit_grad_dispatch(reverse, gyp, glp, xp, np, gxp, gnp, N, a, sc, begin, end);
     });
   });
-  return gx;
+  return {gx, gn};
 }
 
 }  // namespace cpu

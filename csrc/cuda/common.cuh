@@ -15,6 +15,7 @@ namespace flowgmm {
 namespace cuda_detail {
 
 constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
 
 // blocks to keep every SM busy (several resident blocks per SM); the SM count is queried once per device
 inline int64_t target_blocks() {

@@ -1,9 +1,10 @@
 // Affine coupling on CUDA: one fused kernel per direction (flowgmm_math.h's per-element math).
 // Layout: x viewed as (B, N = C * S); each thread owns one column (so its channel, scale and mask value are loaded
-// once) and loops over a chunk of samples; coalesced across threads. Forward: per-sample log-det by warp reduction +
-// one atomic per warp and sample. Backward: dL/dx, dL/ds, dL/dt written once; the per-channel scale gradient is
-// reduced in registers over the sample chunk, then over the warp (when the warp lies in one channel) before the
-// atomic. Grid sized from the SM count; current stream.
+// once) and loops over a chunk of samples; coalesced across threads. Deterministic (no float atomics): forward, each
+// warp's sum of its sample's log-det terms goes to its own slot of a (B, column blocks * warps) partials buffer, summed
+// by ATen in a fixed order; backward, dL/dx, dL/ds, dL/dt are written once and each column's scale gradient, reduced in
+// registers over the sample chunk, goes to a (chunks, N) partials buffer, summed over chunks and the channel's
+// positions by ATen. Grid sized from the SM count; the tensor's device (guard) and its current stream.
 #include "common.cuh"
 #include "flowgmm_math.h"
 #include "ops.h"
@@ -13,6 +14,7 @@ namespace cuda {
 namespace {
 
 using cuda_detail::kThreads;
+using cuda_detail::kWarps;
 using cuda_detail::warp_sum;
 
 enum Mode { kNoMask = 0, kDense = 1, kChecker = 2 };
@@ -23,7 +25,7 @@ struct CouplingArgs {
   const scalar_t *x, *s, *t, *mask, *gy;
   const acc *scale, *gl;
   scalar_t *y, *gx, *gs, *gt;
-  acc* red;  // forward: (B,) log-det sums; backward: (C,) scale gradient
+  acc* red;  // forward: (B, gridDim.x * kWarps) log-det partials; backward: (gridDim.y, N) scale-gradient partials
   int64_t B, N, S, W, rows;
   int parity, mode;
   bool has_scale, reverse;
@@ -66,7 +68,7 @@ __global__ void __launch_bounds__(kThreads) coupling_fwd_kernel(const CouplingAr
       a.y[i] = static_cast<scalar_t>(yv);
     }
     const acc tot = warp_sum(s_m);
-    if ((threadIdx.x & 31) == 0 && tot != acc(0)) atomicAdd(a.red + b, tot);
+    if ((threadIdx.x & 31) == 0) a.red[(b * gridDim.x + blockIdx.x) * kWarps + (threadIdx.x >> 5)] = tot;
   }
 }
 
@@ -75,7 +77,7 @@ __global__ void __launch_bounds__(kThreads) coupling_bwd_kernel(const CouplingAr
   using acc = at::opmath_type<scalar_t>;
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   const bool active = j < a.N;
-  const int64_t c = active ? j / a.S : -1;
+  const int64_t c = active ? j / a.S : 0;
   const acc sc = (active && a.has_scale) ? a.scale[c] : acc(0);
   const acc keep = active ? column_keep(a, j) : acc(0);
   const int64_t b0 = static_cast<int64_t>(blockIdx.y) * a.rows;
@@ -100,15 +102,7 @@ __global__ void __launch_bounds__(kThreads) coupling_bwd_kernel(const CouplingAr
       a.gt[i] = static_cast<scalar_t>(gt);
     }
   }
-  if (!a.has_scale) return;  // uniform over the grid
-  // warp lies in one channel: reduce over the warp, one atomic; else one atomic per active lane
-  const int64_t c_first = __shfl_sync(0xffffffffu, c, 0), c_last = __shfl_sync(0xffffffffu, c, 31);
-  if (c_first == c_last && c_first >= 0) {
-    const acc tot = warp_sum(gscale);
-    if ((threadIdx.x & 31) == 0) atomicAdd(a.red + c_first, tot);
-  } else if (active) {
-    atomicAdd(a.red + c, gscale);
-  }
+  if (a.has_scale && active) a.red[static_cast<int64_t>(blockIdx.y) * a.N + j] = gscale;
 }
 
 template <typename scalar_t>
@@ -146,16 +140,20 @@ std::tuple<Tensor, Tensor> coupling_fwd(const Tensor& x_, const Tensor& s_, cons
   Tensor y = at::empty_like(x);
   Tensor ldj = at::zeros({x.size(0)}, x.options().dtype(acc_t));
   if (x.numel() > 0) {
+    const auto layout = cuda_detail::column_grid(x.size(0), x.numel() / x.size(0));
+    const dim3 grid = layout.first;
+    const int64_t rows = layout.second;
+    Tensor part = at::empty({x.size(0), static_cast<int64_t>(grid.x) * kWarps}, x.options().dtype(acc_t));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "coupling_fwd_cuda", [&] {
       using acc = at::opmath_type<scalar_t>;
       auto a = make_args<scalar_t>(x, s, t, scale_c, mask_c, parity, reverse);
       a.y = y.data_ptr<scalar_t>();
-      a.red = ldj.data_ptr<acc>();
-      const auto [grid, rows] = cuda_detail::column_grid(a.B, a.N);
+      a.red = part.data_ptr<acc>();
       a.rows = rows;
       coupling_fwd_kernel<scalar_t><<<grid, kThreads, 0, cuda_detail::stream()>>>(a);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
+    ldj = part.sum(1);
   }
   Tensor out = ldj.to(out_t);
   if (reverse) out.neg_();
@@ -177,6 +175,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> coupling_bwd(const Tensor& grad_y, co
   Tensor gx = at::empty_like(x), gs = at::empty_like(x), gt = at::empty_like(x);
   Tensor gscale = at::zeros({scale ? x.size(1) : 0}, x.options().dtype(acc_t));
   if (x.numel() > 0) {
+    const int64_t B = x.size(0), N = x.numel() / B;
+    const auto layout = cuda_detail::column_grid(B, N);
+    const dim3 grid = layout.first;
+    const int64_t rows = layout.second;
+    Tensor part = scale ? at::empty({static_cast<int64_t>(grid.y), N}, x.options().dtype(acc_t)) : Tensor();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "coupling_bwd_cuda", [&] {
       using acc = at::opmath_type<scalar_t>;
       auto a = make_args<scalar_t>(x, s, t, scale_c, mask_c, parity, reverse);
@@ -185,12 +188,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> coupling_bwd(const Tensor& grad_y, co
       a.gx = gx.data_ptr<scalar_t>();
       a.gs = gs.data_ptr<scalar_t>();
       a.gt = gt.data_ptr<scalar_t>();
-      a.red = scale ? gscale.data_ptr<acc>() : nullptr;
-      const auto [grid, rows] = cuda_detail::column_grid(a.B, a.N);
+      a.red = scale ? part.data_ptr<acc>() : nullptr;
       a.rows = rows;
       coupling_bwd_kernel<scalar_t><<<grid, kThreads, 0, cuda_detail::stream()>>>(a);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
+    if (scale) gscale = part.sum(0).view({x.size(1), N / x.size(1)}).sum(1);
   }
   return {gx, gs, gt, scale ? gscale.to(scale->scalar_type()) : at::empty({0}, x.options())};
 }

@@ -1,10 +1,12 @@
 // Gaussian-mixture likelihood on CUDA (isotropic (K,) or diagonal (K, D) log_std); (B, K, D) is never formed.
 // Forward: one warp per sample; for each component the warp reduces sum_d (z_d - mu_kd)^2 / s_kd^2 over D, then lane
 // 0 forms the logits row (log N + log pi) and the nll (logsumexp over K or the label gather with label_weight) with
-// flowgmm_math.h's row functions. Backward: one kernel; a block owns 256 columns d and a chunk of samples: it forms the
-// per-sample gradients G = dL/dlog N (softmax weights, label terms) in shared memory from the saved logits, writes
-// dL/dz for its (b, d) once, and accumulates dL/dmu and dL/dlog_std over its samples in registers before one atomic
-// per (k, d) (per (k, warp) for isotropic log_std). The (K,) softmax step for weight_logits is done with ATen ops.
+// flowgmm_math.h's row functions. Backward: one kernel; a block owns 256 columns d and walks chunks of samples
+// (grid-stride over the chunks, so any batch fits the grid): per chunk it forms the per-sample gradients G = dL/dlog N
+// (softmax weights, label terms) in shared memory from the saved logits, writes dL/dz for its (b, d) once, and
+// accumulates dL/dmu and dL/dlog_std over the chunk in registers, then adds them to its own slot (blockIdx.y, k, d) of
+// a partials buffer (no other block touches it: deterministic, no float atomics); ATen sums the partials in a fixed
+// order. The (K,) softmax step for weight_logits is done with ATen ops.
 #include "common.cuh"
 #include "flowgmm_math.h"
 #include "ops.h"
@@ -59,53 +61,55 @@ __global__ void __launch_bounds__(kThreads) gmm_bwd_kernel(
     const at::opmath_type<zt>* __restrict__ inv_var, const at::opmath_type<zt>* __restrict__ logits,
     const at::opmath_type<zt>* __restrict__ g_logits, const at::opmath_type<zt>* __restrict__ g_nll,
     const int64_t* __restrict__ labels, double label_weight, int64_t B, int64_t K, int64_t D, int64_t rows,
-    bool diag, zt* gz, at::opmath_type<zt>* g_means, at::opmath_type<zt>* g_log_std, at::opmath_type<zt>* g_pi) {
+    bool diag, zt* gz, at::opmath_type<zt>* gm_part, at::opmath_type<zt>* gl_part, at::opmath_type<zt>* gpi_part) {
+  // gm_part, gl_part: (gridDim.y, K, D); gpi_part: (gridDim.y, K); zero on entry, each slot owned by one block
   using acc = at::opmath_type<zt>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   acc* G = reinterpret_cast<acc*>(smem_raw);  // (rows, K): dL/dlog N
   acc* P = G + rows * K;                      // (rows, K): dL/dlog pi
-  const int64_t b0 = static_cast<int64_t>(blockIdx.y) * rows;
-  const int64_t nb = b0 + rows < B ? rows : B - b0;
-  for (int64_t r = threadIdx.x; r < nb; r += kThreads) {
-    const int64_t b = b0 + r;
-    math::row_grad(logits + b * K, g_logits ? g_logits + b * K : nullptr, g_nll ? g_nll[b] : acc(0), K,
-                   labels ? labels[b] : int64_t(-1), static_cast<acc>(label_weight), G + r * K, P + r * K);
-  }
-  __syncthreads();
-  if (blockIdx.x == 0 && g_pi) {
-    for (int64_t k = threadIdx.x; k < K; k += kThreads) {
-      acc sum = 0;
-      for (int64_t r = 0; r < nb; ++r) sum += P[r * K + k];
-      atomicAdd(g_pi + k, sum);
-    }
-  }
   const int64_t d = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   const bool active = d < D;
-  if (active) {
-    for (int64_t r = 0; r < nb; ++r) {
+  acc* gm_slot = gm_part + static_cast<int64_t>(blockIdx.y) * K * D;
+  acc* gl_slot = gl_part + static_cast<int64_t>(blockIdx.y) * K * D;
+  const int64_t chunks = (B + rows - 1) / rows;
+  for (int64_t chunk = blockIdx.y; chunk < chunks; chunk += gridDim.y) {
+    const int64_t b0 = chunk * rows;
+    const int64_t nb = b0 + rows < B ? rows : B - b0;
+    for (int64_t r = threadIdx.x; r < nb; r += kThreads) {
       const int64_t b = b0 + r;
-      const acc zb = static_cast<acc>(z[b * D + d]);
-      acc g = 0;
-      for (int64_t k = 0; k < K; ++k) g -= G[r * K + k] * (diag ? inv_var[k * D + d] : inv_var[k]) * (zb - means[k * D + d]);
-      gz[b * D + d] = static_cast<zt>(g);
+      math::row_grad(logits + b * K, g_logits ? g_logits + b * K : nullptr, g_nll ? g_nll[b] : acc(0), K,
+                     labels ? labels[b] : int64_t(-1), static_cast<acc>(label_weight), G + r * K, P + r * K);
     }
-  }
-  for (int64_t k = 0; k < K; ++k) {
-    acc gm = 0, gl = 0;
-    if (active) {
-      const acc m = means[k * D + d], iv = diag ? inv_var[k * D + d] : inv_var[k];
-      for (int64_t r = 0; r < nb; ++r) {
-        const acc diff = static_cast<acc>(z[(b0 + r) * D + d]) - m, Gk = G[r * K + k];
-        gm += Gk * diff;
-        gl += Gk * (diff * diff * iv - acc(1));
+    __syncthreads();
+    if (blockIdx.x == 0 && gpi_part) {
+      for (int64_t k = threadIdx.x; k < K; k += kThreads) {
+        acc sum = 0;
+        for (int64_t r = 0; r < nb; ++r) sum += P[r * K + k];
+        gpi_part[static_cast<int64_t>(blockIdx.y) * K + k] += sum;
       }
-      atomicAdd(g_means + k * D + d, gm * iv);
-      if (diag) atomicAdd(g_log_std + k * D + d, gl);
     }
-    if (!diag) {
-      const acc tot = warp_sum(gl);
-      if ((threadIdx.x & 31) == 0 && tot != acc(0)) atomicAdd(g_log_std + k, tot);
+    if (active) {
+      for (int64_t r = 0; r < nb; ++r) {
+        const int64_t b = b0 + r;
+        const acc zb = static_cast<acc>(z[b * D + d]);
+        acc g = 0;
+        for (int64_t k = 0; k < K; ++k)
+          g -= G[r * K + k] * (diag ? inv_var[k * D + d] : inv_var[k]) * (zb - means[k * D + d]);
+        gz[b * D + d] = static_cast<zt>(g);
+      }
+      for (int64_t k = 0; k < K; ++k) {
+        const acc m = means[k * D + d], iv = diag ? inv_var[k * D + d] : inv_var[k];
+        acc gm = 0, gl = 0;
+        for (int64_t r = 0; r < nb; ++r) {
+          const acc diff = static_cast<acc>(z[(b0 + r) * D + d]) - m, Gk = G[r * K + k];
+          gm += Gk * diff;
+          gl += Gk * (diff * diff * iv - acc(1));
+        }
+        gm_slot[k * D + d] += gm * iv;
+        gl_slot[k * D + d] += gl;  // isotropic: summed over d too by the launcher
+      }
     }
+    __syncthreads();  // G and P are rewritten by the next chunk
   }
 }
 
@@ -170,23 +174,30 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gmm_bwd(const OptTensor& grad_nll, co
   const int64_t max_rows = (48 * 1024) / (2 * K * elt);
   TORCH_CHECK(max_rows >= 1, "gmm_bwd (CUDA): K = ", K, " components is too many for the shared-memory tile");
   if (B > 0) {
+    // blocks: enough to fill the GPU (grid.y <= target); rows per chunk bounded by shared memory; a block walks
+    // chunks y, y + grid.y, ... so any B fits. The partials are (grid.y, K, D): bounded by the target, not by B.
     const int64_t col_blocks = cuda_detail::ceil_div(D, kThreads);
-    const int64_t chunks = std::clamp<int64_t>(cuda_detail::target_blocks() / col_blocks, 1, B);
-    int64_t rows = std::min<int64_t>(cuda_detail::ceil_div(B, chunks), max_rows);
-    while (cuda_detail::ceil_div(B, rows) > 65535 && rows < max_rows) rows = std::min<int64_t>(rows * 2, max_rows);
-    TORCH_CHECK(cuda_detail::ceil_div(B, rows) <= 65535, "gmm_bwd (CUDA): batch too large for K = ", K);
-    const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(cuda_detail::ceil_div(B, rows)));
+    const int64_t target = std::clamp<int64_t>(cuda_detail::target_blocks() / col_blocks, 1, 65535);
+    const int64_t rows = std::min<int64_t>(cuda_detail::ceil_div(B, target), max_rows);
+    const int64_t grid_y = std::min<int64_t>(cuda_detail::ceil_div(B, rows), target);
+    const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(grid_y));
     const size_t smem = static_cast<size_t>(2 * rows * K * elt);
+    Tensor gm_part = at::zeros({grid_y, K, D}, p.means.options());
+    Tensor gl_part = at::zeros({grid_y, K, D}, p.means.options());
+    Tensor gpi_part = at::zeros({grid_y, K}, p.means.options());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.z.scalar_type(), "gmm_bwd_cuda", [&] {
       using acc = at::opmath_type<scalar_t>;
       gmm_bwd_kernel<scalar_t><<<grid, kThreads, smem, cuda_detail::stream()>>>(
           p.z.data_ptr<scalar_t>(), p.means.data_ptr<acc>(), p.inv_var.data_ptr<acc>(), logits.data_ptr<acc>(),
           gL.defined() ? gL.data_ptr<acc>() : nullptr, gn.defined() ? gn.data_ptr<acc>() : nullptr,
           lab.defined() ? lab.data_ptr<int64_t>() : nullptr, label_weight, B, K, D, rows, log_std.dim() == 2,
-          gz.data_ptr<scalar_t>(), gm.data_ptr<acc>(), gls.data_ptr<acc>(),
-          weight_logits ? gpi.data_ptr<acc>() : nullptr);
+          gz.data_ptr<scalar_t>(), gm_part.data_ptr<acc>(), gl_part.data_ptr<acc>(),
+          weight_logits ? gpi_part.data_ptr<acc>() : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
+    gm = gm_part.sum(0);
+    gls = log_std.dim() == 2 ? gl_part.sum(0) : gl_part.sum(at::IntArrayRef{0, 2});
+    gpi = gpi_part.sum(0);
   }
   Tensor gw = at::empty({0}, p.means.options());
   if (weight_logits) {

@@ -1,7 +1,8 @@
 // 2x2 squeeze (a permutation; any dtype) and the logit preprocessing with its per-sample log-det on CUDA.
 // Squeeze: one thread per element (grid-stride), gather (forward) or scatter (reverse) through
 // flowgmm_math.h's squeeze_unsq_offset. Logit forward: the column-tiled per-sample layout of coupling.cu with the
-// log-det reduced per warp (one atomic per warp and sample); backward: elementwise. Current stream.
+// log-det reduced per warp into a (B, column blocks * warps) partials buffer that ATen sums in a fixed order
+// (deterministic: no float atomics); backward: elementwise. The tensor's device (guard) and its current stream.
 #include "common.cuh"
 #include "flowgmm_math.h"
 #include "ops.h"
@@ -11,6 +12,7 @@ namespace cuda {
 namespace {
 
 using cuda_detail::kThreads;
+using cuda_detail::kWarps;
 using cuda_detail::warp_sum;
 
 template <typename scalar_t>
@@ -29,13 +31,13 @@ __global__ void __launch_bounds__(kThreads) squeeze_kernel(const scalar_t* __res
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) logit_fwd_kernel(const scalar_t* __restrict__ x,
                                                             const scalar_t* __restrict__ noise, scalar_t* y,
-                                                            at::opmath_type<scalar_t>* ldj, int64_t B, int64_t N,
-                                                            int64_t rows, double alpha, double log_scale,
-                                                            bool reverse) {
+                                                            at::opmath_type<scalar_t>* ldj_part, int64_t B, int64_t N,
+                                                            int64_t rows, double alpha, double scale,
+                                                            double log_scale, bool reverse) {
   using acc = at::opmath_type<scalar_t>;
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   const bool active = j < N;
-  const acc a = static_cast<acc>(alpha), ls = static_cast<acc>(log_scale);
+  const acc a = static_cast<acc>(alpha), sc = static_cast<acc>(scale), ls = static_cast<acc>(log_scale);
   const int64_t b0 = static_cast<int64_t>(blockIdx.y) * rows;
   const int64_t b1 = b0 + rows < B ? b0 + rows : B;
   for (int64_t b = b0; b < b1; ++b) {
@@ -44,14 +46,15 @@ __global__ void __launch_bounds__(kThreads) logit_fwd_kernel(const scalar_t* __r
       const int64_t i = b * N + j;
       acc v = static_cast<acc>(x[i]);
       if (reverse) {
-        y[i] = static_cast<scalar_t>(math::logit_reverse(v, a, ls, el));
+        y[i] = static_cast<scalar_t>(math::logit_reverse(v, a, sc, ls, el));
       } else {
         if (noise) v = math::dequantize(v, static_cast<acc>(noise[i]));
-        y[i] = static_cast<scalar_t>(math::logit_forward(v, a, ls, el));
+        y[i] = static_cast<scalar_t>(math::logit_forward(v, a, sc, ls, el));
       }
     }
     const acc tot = warp_sum(el);
-    if ((threadIdx.x & 31) == 0) atomicAdd(ldj + b, reverse ? -tot : tot);
+    if ((threadIdx.x & 31) == 0)
+      ldj_part[(b * gridDim.x + blockIdx.x) * kWarps + (threadIdx.x >> 5)] = reverse ? -tot : tot;
   }
 }
 
@@ -60,14 +63,18 @@ __global__ void __launch_bounds__(kThreads) logit_bwd_kernel(const scalar_t* __r
                                                             const at::opmath_type<scalar_t>* __restrict__ gl,
                                                             const scalar_t* __restrict__ x,
                                                             const scalar_t* __restrict__ noise, scalar_t* gx,
-                                                            int64_t total, int64_t N, double alpha, bool reverse) {
+                                                            scalar_t* gnoise, int64_t total, int64_t N, double alpha,
+                                                            double scale, bool reverse) {
   using acc = at::opmath_type<scalar_t>;
-  const acc a = static_cast<acc>(alpha);
+  const acc a = static_cast<acc>(alpha), sc = static_cast<acc>(scale);
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * kThreads) {
     const acc glb = gl ? gl[i / N] : acc(0), nz = noise ? static_cast<acc>(noise[i]) : acc(0);
-    gx[i] = static_cast<scalar_t>(math::logit_input_grad(static_cast<acc>(gy[i]), glb, static_cast<acc>(x[i]),
-                                                         noise != nullptr, nz, a, reverse));
+    const acc g = math::logit_grad(static_cast<acc>(gy[i]), glb, static_cast<acc>(x[i]), noise != nullptr, nz, a, sc,
+                                   reverse);
+    // with noise g = dL/du: dL/dx = g 255/256 and dL/dnoise = g / 256, each rounded once (see math::logit_grad)
+    gx[i] = static_cast<scalar_t>(noise ? g * (acc(255) / acc(256)) : g);
+    if (gnoise) gnoise[i] = static_cast<scalar_t>(g / acc(256));
   }
 }
 
@@ -104,22 +111,26 @@ std::tuple<Tensor, Tensor> logit_fwd(const Tensor& x_, double alpha, bool revers
   Tensor y = at::empty_like(x);
   Tensor ldj = at::zeros({B}, x.options().dtype(acc_t));
   if (x.numel() > 0) {
+    const auto layout = cuda_detail::column_grid(B, N);
+    const dim3 grid = layout.first;
+    const int64_t rows = layout.second;
+    Tensor part = at::empty({B, static_cast<int64_t>(grid.x) * kWarps}, x.options().dtype(acc_t));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "logit_fwd_cuda", [&] {
       using acc = at::opmath_type<scalar_t>;
-      const auto [grid, rows] = cuda_detail::column_grid(B, N);
       logit_fwd_kernel<scalar_t><<<grid, kThreads, 0, cuda_detail::stream()>>>(
           x.data_ptr<scalar_t>(), n.defined() ? n.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(),
-          ldj.data_ptr<acc>(), B, N, rows, alpha, std::log1p(-2 * alpha), reverse);
+          part.data_ptr<acc>(), B, N, rows, alpha, 1 - 2 * alpha, std::log1p(-2 * alpha), reverse);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
+    ldj = part.sum(1);
   }
   Tensor out = ldj.to(out_t);
   if (sldj) out = out.add_(sldj->to(out_t));
   return {y, out};
 }
 
-Tensor logit_bwd(const Tensor& grad_y, const OptTensor& grad_sldj, const Tensor& x_, double alpha, bool reverse,
-                 const OptTensor& noise) {
+std::tuple<Tensor, Tensor> logit_bwd(const Tensor& grad_y, const OptTensor& grad_sldj, const Tensor& x_, double alpha,
+                                     bool reverse, const OptTensor& noise, bool noise_grad) {
   const c10::cuda::OptionalCUDAGuard guard(x_.device());
   const Tensor x = x_.contiguous();
   const Tensor gy = grad_y.to(x.scalar_type()).contiguous();
@@ -127,15 +138,17 @@ Tensor logit_bwd(const Tensor& grad_y, const OptTensor& grad_sldj, const Tensor&
   const int64_t B = x.size(0), total = x.numel(), N = B == 0 ? 1 : std::max<int64_t>(1, total / B);
   const Tensor gl = grad_sldj ? grad_sldj->to(acc_dtype(x.scalar_type())).contiguous() : Tensor();
   Tensor gx = at::empty_like(x);
-  if (total == 0) return gx;
+  Tensor gn = noise && noise_grad ? at::empty_like(x) : at::empty({0}, x.options());
+  if (total == 0) return {gx, gn};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "logit_bwd_cuda", [&] {
     using acc = at::opmath_type<scalar_t>;
     logit_bwd_kernel<scalar_t><<<elementwise_blocks(total), kThreads, 0, cuda_detail::stream()>>>(
         gy.data_ptr<scalar_t>(), gl.defined() ? gl.data_ptr<acc>() : nullptr, x.data_ptr<scalar_t>(),
-        n.defined() ? n.data_ptr<scalar_t>() : nullptr, gx.data_ptr<scalar_t>(), total, N, alpha, reverse);
+        n.defined() ? n.data_ptr<scalar_t>() : nullptr, gx.data_ptr<scalar_t>(),
+        gn.numel() ? gn.data_ptr<scalar_t>() : nullptr, total, N, alpha, 1 - 2 * alpha, reverse);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return gx;
+  return {gx, gn};
 }
 
 }  // namespace cuda

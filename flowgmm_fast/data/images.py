@@ -6,7 +6,10 @@ training device (MNIST 47 MB, CIFAR-10 150 MB) and batches are cropped, flipped 
 Readers (no download here; ``experiments/prepare_data.py`` downloads with torchvision where there is internet):
 - :func:`load_image_dataset` reads a prepared folder (``<data_path>/train.npz``, ``test.npz``: ``images``,
   ``labels``) or torchvision's on-disk formats: MNIST IDX files (``raw/`` or ``MNIST/raw/``, optionally .gz),
-  CIFAR-10 ``cifar-10-batches-py`` pickles, SVHN ``train_32x32.mat`` / ``test_32x32.mat``.
+  CIFAR-10 ``cifar-10-batches-py`` pickles, SVHN ``train_32x32.mat`` / ``test_32x32.mat``. Nothing here unpickles
+  arbitrary objects: ``.npz`` files are read with ``allow_pickle=False``, and the CIFAR-10 batches with a restricted
+  unpickler (:func:`read_cifar_batch`) that rebuilds only the dict of strings, bytes, integer lists and numeric
+  arrays the format holds.
 - Any other dataset name (e.g. ``fashion_mnist``, ``kmnist``) is a dataset in MNIST's on-disk format: the four IDX
   files ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``, ``t10k-...`` (optionally .gz; in the folder,
   its ``raw/`` or a ``<Name>/raw/`` below it, torchvision's layout), any image size, grayscale, classes 0..K-1 with
@@ -19,8 +22,9 @@ Label splits, in the original repository's layout ``data/labels/<dataset>/<N>_ba
 - CIFAR-10 ``.txt``, one ``<index>_<class>.png <class>`` line per labeled image (the mean-teacher naming; the index
   is the row of the training set).
 :func:`balanced_split` draws N/K indices per class from ``numpy.random.RandomState(seed)``;
-:func:`load_label_split` rejects indices out of range, duplicates, unknown classes and classes that disagree with
-the dataset (a split made for another dataset).
+:func:`load_label_split` rejects indices out of range, duplicates, unknown classes, classes that disagree with
+the dataset (a split made for another dataset), splits labelling a single class, and ``.npz`` files that are not zip
+archives.
 
 :class:`SemiSupervisedLoader`: each batch is half labeled, half unlabeled; an epoch is one pass over the labeled
 data (labeled rows first, as the original); two augmentations of every row (RandomCrop with 4-pixel zero padding,
@@ -32,6 +36,7 @@ slice of the same global batch. Note: ``dequantize`` is applied here, so build R
 from __future__ import annotations
 
 import gzip
+import importlib
 import pickle
 import re
 from collections.abc import Iterator
@@ -43,9 +48,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ._files import open_npz
+
 __all__ = ["DATASETS", "ImageData", "canonical_dataset_name", "load_image_dataset", "balanced_split",
            "label_split_path", "save_label_split", "load_label_split", "LabelSplitError", "dequantize", "augment",
-           "SemiSupervisedLoader", "eval_batches"]
+           "SemiSupervisedLoader", "eval_batches", "read_cifar_batch"]
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 DIGITS = tuple(str(i) for i in range(10))
@@ -179,13 +186,73 @@ def _cifar_dir(root: Path) -> Path | None:
     return None
 
 
+# The globals a CIFAR batch pickle may name: numpy's array reconstruction (pickle protocols 0-4 and 5, numpy 1 and 2
+# module names) and, for protocol <= 2 bytes, codecs.encode. Everything else -- the builtins eval/exec, os.system,
+# any class with side effects -- is refused before it is looked up.
+_CIFAR_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): ("multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"): ("multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"): ("numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"): ("numeric", "_frombuffer"),
+    ("numpy", "ndarray"): None,
+    ("numpy", "dtype"): None,
+    ("_codecs", "encode"): None,
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR-10 / -100 python batches only (see _CIFAR_GLOBALS)."""
+
+    def find_class(self, module, name):
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR batch")
+        target = _CIFAR_GLOBALS[(module, name)]
+        if target is None:
+            return getattr(np, name) if module == "numpy" else getattr(importlib.import_module(module), name)
+        core = getattr(np, "_core", None) or importlib.import_module("numpy.core")
+        return getattr(getattr(core, target[0]), target[1])
+
+
+def _cifar_value_ok(value) -> bool:
+    if isinstance(value, (str, bytes, int)):
+        return True
+    if isinstance(value, np.ndarray):
+        return value.dtype.kind in "biuf"
+    if isinstance(value, list):
+        return all(isinstance(v, (str, bytes, int)) for v in value)
+    return False
+
+
+def read_cifar_batch(path: str | Path) -> dict:
+    """One CIFAR python batch (``data_batch_1`` ...) as a dict with str keys, read by a restricted unpickler that
+    rebuilds only strings, bytes, ints, lists of them and numeric numpy arrays: a crafted file cannot run code.
+    Raises ValueError naming the file when it holds anything else."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            entry = _CifarUnpickler(f, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as exc:
+        raise ValueError(f"CIFAR batch {str(path)!r} cannot be read safely: {exc}") from exc
+    if not isinstance(entry, dict):
+        raise ValueError(f"CIFAR batch {str(path)!r} must hold a dict, got {type(entry).__name__}")
+    out = {}
+    for key, value in entry.items():
+        key = key.decode("latin1") if isinstance(key, bytes) else key
+        if not isinstance(key, str) or not _cifar_value_ok(value):
+            raise ValueError(f"CIFAR batch {str(path)!r}: entry {key!r} holds a {type(value).__name__}, not the "
+                             f"strings, integer lists and numeric arrays of the format")
+        out[key] = value
+    if "data" not in out or not ("labels" in out or "fine_labels" in out):
+        raise ValueError(f"CIFAR batch {str(path)!r} has no 'data' and 'labels' entries (it holds {sorted(out)})")
+    return out
+
+
 def _read_cifar10(root: Path, train: bool):
     d = _cifar_dir(root)
     names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
     images, labels = [], []
     for name in names:
-        with open(d / name, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")
+        entry = read_cifar_batch(d / name)
         images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         labels.append(np.asarray(entry["labels"] if "labels" in entry else entry["fine_labels"]))
     return np.concatenate(images), np.concatenate(labels)
@@ -214,7 +281,7 @@ def load_image_dataset(dataset: str, data_path: str | Path, train: bool = True) 
     split = "train" if train else "test"
     prepared = root / f"{split}.npz"
     if prepared.exists():
-        with np.load(prepared, allow_pickle=False) as z:
+        with open_npz(prepared, "prepared dataset file") as z:
             if "dataset" in z and str(z["dataset"]) != spec.name:
                 raise ValueError(f"{prepared} holds {str(z['dataset'])!r} data, not {spec.name!r}")
             images, labels = z["images"], z["labels"]
@@ -305,7 +372,7 @@ def load_label_split(path: str | Path, data: ImageData) -> np.ndarray:
     claimed = unlabeled = None
     if path.suffix == ".npz":
         try:
-            with np.load(path, allow_pickle=False) as z:
+            with open_npz(path, "label split", LabelSplitError) as z:
                 if "labeled_indices" not in z:
                     raise LabelSplitError(f"label split {str(path)!r} has no 'labeled_indices' array "
                                           f"(it holds {sorted(z.files)})")
@@ -351,14 +418,19 @@ def load_label_split(path: str | Path, data: ImageData) -> np.ndarray:
     if path.suffix == ".npz" and unlabeled is not None and np.intersect1d(indices, unlabeled).size:
         raise LabelSplitError(f"label split {str(path)!r}: {np.intersect1d(indices, unlabeled).size} index(es) are "
                               f"listed as both labeled and unlabeled")
+    actual = data.labels.numpy()[indices]
     if claimed is not None:
-        actual = data.labels.numpy()[indices]
         bad = np.flatnonzero(actual != claimed)
         if bad.size:
             i = indices[bad[0]]
             raise LabelSplitError(f"label split {str(path)!r} disagrees with the {spec.name} labels at {bad.size} "
                                   f"index(es), e.g. index {i}: file says {claimed[bad[0]]}, dataset says "
                                   f"{actual[bad[0]]} (a split for another dataset or ordering?)")
+    classes = np.unique(actual)
+    if classes.size < 2:
+        raise LabelSplitError(f"label split {str(path)!r} labels only class {spec.classes[int(classes[0])]!r} "
+                              f"({indices.size} example(s)): semi-supervised FlowGMM needs labeled examples of at "
+                              f"least 2 classes to tell them apart")
     return indices.astype(np.int64)
 
 

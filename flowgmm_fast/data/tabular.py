@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._files import open_npz
+
 __all__ = ["balanced_labeled_indices", "labels_per_class", "semisup_labels", "Standardizer", "TabularData",
            "load_features", "save_features", "load_split", "save_split", "maf_discrete_columns", "load_miniboone",
            "load_hepmass", "load_sklearn", "train_test_split_stratified", "MINIBOONE_FILE", "HEPMASS_FILES"]
@@ -81,11 +83,16 @@ def labels_per_class(y, per_class: int, seed: int = 0) -> np.ndarray:
 
 
 def semisup_labels(y, labeled_idx) -> np.ndarray:
-    """(N,) int64 copy of ``y`` with -1 everywhere except at ``labeled_idx``."""
+    """(N,) int64 copy of ``y`` with -1 everywhere except at ``labeled_idx``, which must select examples of at least
+    two classes (with one, every labeled point pulls towards one component and nothing tells the classes apart)."""
     y = _as_labels(y)
     idx = np.asarray(labeled_idx, dtype=np.int64)
     if idx.ndim != 1 or (idx.size and (idx.min() < 0 or idx.max() >= y.size)):
         raise ValueError(f"labeled_idx must be a 1-D array of indices into y (0..{y.size - 1})")
+    classes = np.unique(y[idx])
+    if classes.size < 2:
+        raise ValueError(f"labeled_idx must label examples of at least 2 classes, got {idx.size} labeled example(s) "
+                         f"of {'no class' if classes.size == 0 else f'class {int(classes[0])} only'}")
     out = np.full_like(y, -1)
     out[idx] = y[idx]
     return out
@@ -194,7 +201,7 @@ def load_features(path: str, label_column: int | str = -1):
     if not os.path.exists(path):
         raise FileNotFoundError(f"features file not found: {path}")
     if path.endswith(".npz"):
-        with np.load(path) as f:
+        with open_npz(path, "features file") as f:
             keys = set(f.files)
             xk = next((k for k in ("x", "X", "features") if k in keys), None)
             yk = next((k for k in ("y", "labels") if k in keys), None)
@@ -241,7 +248,7 @@ def load_split(path: str, num_train: int | None = None) -> np.ndarray:
     if not os.path.exists(path):
         raise FileNotFoundError(f"split file not found: {path}")
     if path.endswith(".npz"):
-        with np.load(path) as f:
+        with open_npz(path, "split file") as f:
             if "labeled_idx" not in f.files:
                 raise ValueError(f"{path} must hold an array 'labeled_idx' (found {f.files})")
             idx = np.asarray(f["labeled_idx"])

@@ -19,6 +19,8 @@ import os
 
 import numpy as np
 
+from ._files import open_npz
+
 __all__ = ["TEXT_DATASETS", "read_text_csv", "load_text_dataset", "default_model_path", "embed_texts",
            "embed_cached"]
 
@@ -141,7 +143,7 @@ def embed_cached(texts: list[str], labels: np.ndarray, cache_path: str, model: s
     model_id = os.path.abspath(default_model_path() if model is None else model)
     key = _fingerprint(texts, model_id)
     if os.path.exists(cache_path):
-        with np.load(cache_path) as f:
+        with open_npz(cache_path, "embedding cache") as f:
             meta = json.loads(str(f["meta"])) if "meta" in f.files else {}
             if meta.get("fingerprint") == key:
                 return f["x"], f["y"]

@@ -102,7 +102,7 @@ class AffineCoupling(Flow):
         if self.mask_type == "checkerboard":
             return F.affine_coupling(x, s, t, scale, F.checkerboard(int(self.reverse_mask)), reverse, sldj)
         if self.mask_type == "half":
-            return F.affine_coupling(x, s, t, scale, self.mask.to(x.dtype), reverse, sldj)
+            return F.affine_coupling(x, s, t, scale, self.mask, reverse, sldj)  # the buffer: its values checked once
         if self.reverse_mask:
             x_id, x_change = x.chunk(2, dim=1)
         else:
@@ -112,9 +112,13 @@ class AffineCoupling(Flow):
         return torch.cat(parts, dim=1), sldj
 
     def forward(self, x, sldj=None, reverse=False):
-        if x.dim() < 2 or x.shape[1] != self.channels:
-            raise ValueError(f"AffineCoupling({self.channels}, {self.mask_type!r}) expects x with {self.channels} "
-                             f"channels on dim 1, got shape {tuple(x.shape)}")
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        dims = 2 if self.mask_type == "half" else 4
+        if x.dim() != dims or x.shape[1] != self.channels:
+            layout = f"(B, {self.channels})" if dims == 2 else f"(B, {self.channels}, H, W)"
+            raise ValueError(f"AffineCoupling({self.channels}, {self.mask_type!r}) expects x of shape {layout}, "
+                             f"got {tuple(x.shape)}")
         s, t = self.st(self.conditioning(x))
         return self.couple(x, s, t, reverse, sldj)
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F_
 from torch import nn
 
 from .. import functional as F
+from ._checks import check_int
 
 COVARIANCES = ("isotropic", "diagonal")
 
@@ -49,16 +50,22 @@ class GaussianMixture(nn.Module):
                  means_trainable: bool = False, std_trainable: bool = False, weights_trainable: bool = False,
                  generator: torch.Generator | None = None):
         super().__init__()
-        if num_classes < 1 or dim < 1:
-            raise ValueError(f"num_classes and dim must be >= 1, got {num_classes}, {dim}")
+        num_classes, dim = check_int("num_classes", num_classes, 1), check_int("dim", dim, 1)
         if covariance not in COVARIANCES:
             raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
-        if not std > 0:
-            raise ValueError(f"std must be > 0, got {std!r}")
+        if isinstance(std, bool) or not isinstance(std, (int, float)):
+            raise TypeError(f"std must be a number > 0, got {type(std).__name__} {std!r}")
+        if not 0 < std < float("inf"):
+            raise ValueError(f"std must be finite and > 0, got {std!r}")
         if means is None:
             means = init_means(num_classes, dim, means_init, means_r, generator)
+        elif not isinstance(means, torch.Tensor) or not means.is_floating_point():
+            raise TypeError(f"means must be a floating torch.Tensor of shape ({num_classes}, {dim}), got "
+                            f"{getattr(means, 'dtype', type(means).__name__)}")
         elif tuple(means.shape) != (num_classes, dim):
             raise ValueError(f"means must have shape ({num_classes}, {dim}), got {tuple(means.shape)}")
+        elif not bool(torch.isfinite(means).all()):
+            raise ValueError("means must be finite")
         self.num_classes, self.dim, self.covariance = num_classes, dim, covariance
         std_shape = (num_classes,) if covariance == "isotropic" else (num_classes, dim)
         self.means = nn.Parameter(means.detach().clone().float(), requires_grad=means_trainable)
@@ -84,10 +91,12 @@ class GaussianMixture(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, class_id: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
         """(n, D) draws from the mixture, or from component ``class_id``."""
+        n = check_int("n", n, 0)
         if class_id is None:
             comp = torch.multinomial(torch.softmax(self.weight_logits.float(), 0).cpu(), n, replacement=True,
                                      generator=generator)
         else:
+            class_id = check_int("class_id", class_id)
             if not 0 <= class_id < self.num_classes:
                 raise ValueError(f"class_id must be in [0, {self.num_classes}), got {class_id}")
             comp = torch.full((n,), class_id, dtype=torch.long)

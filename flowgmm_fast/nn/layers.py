@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import functional as F
+from ._checks import check_flow_input
 from .base import Flow, zero_sldj
 
 
@@ -37,12 +38,15 @@ class Logit(Flow):
 
     def __init__(self, alpha: float = 0.05, dequantize: bool = False):
         super().__init__()
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+            raise TypeError(f"alpha must be a number in [0, 0.5), got {type(alpha).__name__} {alpha!r}")
         if not 0 <= alpha < 0.5:
             raise ValueError(f"alpha must be in [0, 0.5), got {alpha!r}")
         self.alpha = float(alpha)
         self.dequantize = bool(dequantize)
 
     def forward(self, x, sldj=None, reverse=False):
+        check_flow_input(x, self)  # before rand_like: uint8 images would fail inside it
         if reverse:
             return F.logit_transform(x, self.alpha, reverse=True, sldj=sldj)
         noise = torch.rand_like(x) if (self.dequantize and self.training) else None

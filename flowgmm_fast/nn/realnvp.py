@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .. import functional as F
+from ._checks import check_flow_input, check_int
 from .base import Flow, FlowSequential, zero_sldj
 from .coupling import AffineCoupling
 from .invertible import (CouplingStep, FactorOutStep, MergeStep, SqueezeStep, check_options, invertible_forward,
@@ -84,19 +85,20 @@ class RealNVP(Flow):
                  checkpoint_every: int | None = None):
         super().__init__()
         self.invertible_backprop, self.checkpoint_every = check_options(invertible_backprop, checkpoint_every)
-        if num_scales < 1:
-            raise ValueError(f"num_scales must be >= 1, got {num_scales}")
+        in_channels, num_scales = check_int("in_channels", in_channels, 1), check_int("num_scales", num_scales, 1)
+        mid_channels, num_blocks = check_int("mid_channels", mid_channels, 1), check_int("num_blocks", num_blocks, 0)
         self.in_channels = in_channels
         self.num_scales = num_scales
         self.preprocess = Logit(alpha, dequantize) if logit else None
         self.body = _Scale(0, num_scales, in_channels, mid_channels, num_blocks)
 
     def forward(self, x, sldj=None, reverse=False):
+        check_flow_input(x, self)
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"RealNVP expects x of shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
         side = 2 ** (self.num_scales - 1)
         if x.shape[2] % side or x.shape[3] % side:
-            raise ValueError(f"RealNVP with num_scales={self.num_scales} needs H and W divisible by {side}, "
+            raise ValueError(f"RealNVP with num_scales={self.num_scales} needs x with H and W divisible by {side}, "
                              f"got {tuple(x.shape[2:])}")
         if reverse:
             x, sldj = self.body(x, sldj, reverse=True)
@@ -124,10 +126,11 @@ class RealNVPTabular(FlowSequential):
 
     def __init__(self, dim: int, num_coupling_layers: int = 6, hidden_dim: int = 256, num_layers: int = 1,
                  dropout: float = 0.5, *, invertible_backprop: bool = False, checkpoint_every: int | None = None):
-        if dim < 2:
+        if check_int("dim", dim) < 2:
             raise ValueError(f"RealNVPTabular needs dim >= 2 (half of the features condition the rest), got {dim}")
-        if num_coupling_layers < 1:
-            raise ValueError(f"num_coupling_layers must be >= 1, got {num_coupling_layers}")
+        check_int("num_coupling_layers", num_coupling_layers, 1)
+        check_int("hidden_dim", hidden_dim, 1)
+        check_int("num_layers", num_layers, 0)
         super().__init__(*[
             AffineCoupling(dim, "half", reverse_mask=bool(i % 2), hidden_dim=hidden_dim, num_layers=num_layers,
                            dropout=dropout) for i in range(num_coupling_layers)],
@@ -136,6 +139,7 @@ class RealNVPTabular(FlowSequential):
         self.event_shape = (dim,)
 
     def forward(self, x, sldj=None, reverse=False):
+        check_flow_input(x, self)
         if x.dim() != 2 or x.shape[1] != self.dim:
             raise ValueError(f"RealNVPTabular expects x of shape (B, {self.dim}), got {tuple(x.shape)}")
         return super().forward(x, sldj, reverse)

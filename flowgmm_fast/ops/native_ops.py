@@ -6,7 +6,7 @@ Ops (``torch.ops.flowgmm_native``, schemas in ``csrc/ops.cpp``, named like the t
                                   exp, per-sample log-det into sldj; backward gives x, s, t, scale (per-channel
                                   reduction) and sldj gradients in one pass, recomputed from the inputs
     squeeze2x2                    2x2 squeeze / unsqueeze, both channel orders (its own backward, reverse flipped)
-    logit_fwd / logit_bwd         fused dequantise + logit + log-det
+    logit_fwd / logit_bwd         fused dequantise + logit + log-det (backward: dL/dx and, when asked, dL/dnoise)
     gmm_fwd / gmm_bwd             GMM log-densities, log pi, logsumexp over K, label gather -> (nll (B,), logits (B, K));
                                   backward from the inputs and the saved (B, K) logits
 The C++ side registers the CPU and CUDA kernels (``csrc/ops.cpp``) and the autograd of the forward ops
@@ -145,8 +145,8 @@ if _IMPORT_ERROR is None:
         return _empty(x.shape, x), _empty((x.shape[0],), x, out_dt)
 
     @torch.library.register_fake("flowgmm_native::logit_bwd")
-    def _(grad_y, grad_sldj, x, alpha, reverse, noise):
-        return _empty(x.shape, x)
+    def _(grad_y, grad_sldj, x, alpha, reverse, noise, noise_grad):
+        return _empty(x.shape, x), _empty(x.shape if noise is not None and noise_grad else (0,), x)
 
     # ----------------------------------------------------------------------------------------------------- gmm
     @torch.library.register_fake("flowgmm_native::gmm_fwd")

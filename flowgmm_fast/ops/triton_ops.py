@@ -5,7 +5,7 @@
 Ops (named like the native backend's so the two correspond):
     coupling_fwd / coupling_bwd   fused affine coupling (tanh-scale, mask or index checkerboard, exp, log-det + sldj)
     squeeze2x2                    2x2 squeeze / unsqueeze (its own backward with ``reverse`` flipped)
-    logit_fwd / logit_bwd         fused dequantise + logit + log-det
+    logit_fwd / logit_bwd         fused dequantise + logit + log-det (backward: dL/dx and, when asked, dL/dnoise)
     gmm_fwd / gmm_bwd             fused GMM log-densities, log pi, logsumexp, label gather -> (nll, logits)
 Backwards recompute from the forward's inputs (the GMM keeps its (B, K) logits), so nothing of size (B, C, H, W)
 beyond the inputs is saved.
@@ -90,10 +90,16 @@ def _(grad_y, grad_ldj, x, s, t, scale, mask, checker_parity, reverse):
     return (*like, _f32(x.shape[1] if scale is not None else 0, x))
 
 
+def _requires_grad(*tensors) -> bool:
+    return any(t is not None and t.requires_grad for t in tensors)
+
+
 def _coupling_setup(ctx, inputs, output):
     x, s, t, scale, mask, checker_parity, reverse, sldj = inputs
     ctx.save_for_backward(x, s, t, scale, mask)
     ctx.checker_parity, ctx.reverse, ctx.has_sldj = checker_parity, reverse, sldj is not None
+    if not _requires_grad(x, s, t, scale):  # y depends on x, s, t, scale only (as in the reference)
+        ctx.mark_non_differentiable(output[0])
 
 
 def _coupling_backward(ctx, grad_y, grad_ldj):
@@ -166,27 +172,33 @@ def _(x, alpha, reverse, sldj, noise):
 
 @torch.library.custom_op(f"{_NS}::logit_bwd", mutates_args=())
 def logit_bwd(grad_y: Tensor, grad_ldj: Tensor, x: Tensor, alpha: float, reverse: bool,
-              noise: Optional[Tensor]) -> Tensor:
-    """grad_x like x (the grad of noise is grad_x / 255)."""
-    return _logit.logit_backward(grad_y, grad_ldj, x, alpha, reverse, noise)
+              noise: Optional[Tensor], noise_grad: bool) -> tuple[Tensor, Tensor]:
+    """(grad_x like x, grad_noise like x when ``noise_grad``, else shape (0,)); grad_noise = dL/du / 256 from the
+    fp32 dL/du (as grad_x / 255 it would overflow a half wherever grad_x does)."""
+    gx, gn = _logit.logit_backward(grad_y, grad_ldj, x, alpha, reverse, noise, noise_grad)
+    return gx, gn if gn is not None else x.new_empty((0,))
 
 
 @logit_bwd.register_fake
-def _(grad_y, grad_ldj, x, alpha, reverse, noise):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+def _(grad_y, grad_ldj, x, alpha, reverse, noise, noise_grad):
+    gn = torch.empty_like(x, memory_format=torch.contiguous_format) if noise is not None and noise_grad else \
+        x.new_empty((0,))
+    return torch.empty_like(x, memory_format=torch.contiguous_format), gn
 
 
 def _logit_setup(ctx, inputs, output):
     x, alpha, reverse, sldj, noise = inputs
     ctx.save_for_backward(x, noise)
     ctx.alpha, ctx.reverse, ctx.has_sldj = alpha, reverse, sldj is not None
+    if not _requires_grad(x, noise):  # y depends on x and noise only
+        ctx.mark_non_differentiable(output[0])
 
 
 def _logit_backward(ctx, grad_y, grad_ldj):
     x, noise = ctx.saved_tensors
-    gx = logit_bwd(grad_y, grad_ldj, x, ctx.alpha, ctx.reverse, noise)
-    g_noise = (gx / 255).to(noise.dtype) if noise is not None and ctx.needs_input_grad[4] else None
-    return gx, None, None, grad_ldj if ctx.has_sldj else None, g_noise
+    noise_grad = noise is not None and ctx.needs_input_grad[4]
+    gx, g_noise = logit_bwd(grad_y, grad_ldj, x, ctx.alpha, ctx.reverse, noise, noise_grad)
+    return gx, None, None, grad_ldj if ctx.has_sldj else None, g_noise if noise_grad else None
 
 
 logit_fwd.register_autograd(_logit_backward, setup_context=_logit_setup)

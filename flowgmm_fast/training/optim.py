@@ -40,7 +40,7 @@ def make_lr_scheduler(optimizer: torch.optim.Optimizer, kind: str = "constant", 
     """A per-step learning-rate schedule: ``"constant"`` (the image script's default) or ``"cosine"`` (to 0 at
     ``total_steps``, the tabular default), both after an optional linear warm-up of ``warmup_steps``."""
     if kind not in ("constant", "cosine"):
-        raise ValueError(f"lr schedule must be 'constant' or 'cosine', got {kind!r}")
+        raise ValueError(f"kind (the lr schedule) must be 'constant' or 'cosine', got {kind!r}")
     if kind == "cosine" and (total_steps is None or total_steps < 1):
         raise ValueError(f"the cosine schedule needs total_steps >= 1, got {total_steps!r}")
     if warmup_steps < 0:

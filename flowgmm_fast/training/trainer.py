@@ -7,12 +7,18 @@ The script supplies the pieces that differ -- a batch source, a loss function, a
 - loss parts accumulated on the device and logged every ``log_every`` steps (TensorBoard: each part, learning
   rate, gradient norm, step time; tqdm bar), no host sync in between;
 - the non-finite guard (:class:`~flowgmm_fast.training.guards.NonFiniteGuard`): a NaN/inf loss part stops the run
-  with :class:`~flowgmm_fast.training.guards.NonFiniteLossError` naming the step and the part; no checkpoint is
-  written after a bad step, so the last good one is kept;
+  with :class:`~flowgmm_fast.training.guards.NonFiniteLossError` naming the step and the part;
 - evaluation every ``eval_every`` steps with a one-line summary; checkpoints every ``save_every`` steps and at the
-  end (atomic, rank 0; :mod:`~flowgmm_fast.training.checkpoint`); exact resume with :meth:`Trainer.resume`;
-- Ctrl-C (SIGINT) finishes the current step, writes a checkpoint and raises ``KeyboardInterrupt`` (a second
-  Ctrl-C stops at once, without a checkpoint);
+  end (atomic, checksummed, rank 0; :mod:`~flowgmm_fast.training.checkpoint`); exact resume with
+  :meth:`Trainer.resume`; temporary files left by a writer killed mid-write are removed when training starts;
+- a checkpoint never holds a state that is not finite, nor one whose parameters gave a non-finite loss: every
+  checkpoint is refused (:class:`~flowgmm_fast.training.guards.NonFiniteStateError`) when a parameter, buffer or
+  optimizer-state tensor is NaN/inf, and a periodic checkpoint of step s is written only once the loss of step s + 1,
+  computed from its parameters, is known to be finite (it waits in memory until then). So after a NaN/inf stop the
+  checkpoint on disk is the last one that evaluated to a finite loss;
+- Ctrl-C (SIGINT) and SIGTERM (what schedulers and ``kill`` send) finish the current step and write a checkpoint,
+  then raise ``KeyboardInterrupt`` (SIGINT) or ``SystemExit(143)`` (SIGTERM); a second signal stops at once, without
+  a checkpoint;
 - an ``on_epoch_end(trainer)`` hook after every epoch (and after the last step), which may call
   :meth:`Trainer.request_stop` to end the run early and normally (final checkpoint written, no exception): early
   stopping and EM updates of the mixture weights live there (:func:`flowgmm_fast.semisup.fit_flowgmm`).
@@ -35,8 +41,9 @@ import torch
 from torch import nn
 
 from . import distributed as dist_utils
-from .checkpoint import load_checkpoint, save_checkpoint
-from .guards import NonFiniteGuard, NonFiniteLossError
+from .checkpoint import (atomic_write_bytes, checkpoint_payload, load_checkpoint, remove_stale_temporaries,
+                         serialize_checkpoint)
+from .guards import NonFiniteGuard, NonFiniteLossError, NonFiniteStateError, non_finite_state
 from .logger import TrainLogger
 
 __all__ = ["Trainer"]
@@ -82,7 +89,7 @@ class Trainer:
         self.step = 0
         self.max_steps: int | None = None  # the max_steps of the current (or last) fit
         self.last_metrics: dict[str, float] = {}
-        self._stop_requested = False
+        self._stop_signal: int | None = None
         self._finish_requested = False
         self._params = [p for opt in self.optimizers.values() for g in opt.param_groups for p in g["params"]]
         self._device = next(iter(model.parameters())).device
@@ -93,16 +100,33 @@ class Trainer:
         return self.step / self.steps_per_epoch
 
     # ----------------------------------------------------------------------------------------- checkpoints
+    def _snapshot(self) -> bytes | None:
+        """The checkpoint file bytes of the current state (collective; None on ranks other than 0), after checking
+        the loss guard and that every parameter, buffer and optimizer-state tensor is finite."""
+        self.guard.check()
+        bad = non_finite_state(dist_utils.unwrap_model(self.model), self.optimizers)
+        if dist_utils.is_distributed():  # every rank takes the same decision (only rank 0 writes)
+            flag = torch.tensor([float(bool(bad))], device=self._device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            bad = bad or (["(another rank's state)"] if flag.item() else [])
+        if bad:
+            raise NonFiniteStateError(self.step, bad)
+        extra = {"last_metrics": self.last_metrics, **(self.extra_state() if self.extra_state else {})}
+        payload = checkpoint_payload(self.model, step=self.step, epoch=self.epoch, optimizers=self.optimizers,
+                                     schedulers=self.schedulers, extra=extra)
+        return None if payload is None else serialize_checkpoint(payload)
+
+    def _write(self, data: bytes | None, path: Path) -> Path | None:
+        return atomic_write_bytes(data, path) if data is not None else None
+
     def save(self, path: str | Path | None = None) -> Path | None:
-        """Check the guard (never save after a non-finite loss), then write a checkpoint (collective; rank 0
-        writes). Returns the path on rank 0."""
+        """Write a checkpoint of the current state now (collective; rank 0 writes). Checks first that no loss was
+        ever non-finite (:class:`NonFiniteLossError`) and that the state is finite (:class:`NonFiniteStateError`);
+        on either the file on disk is left as it was. Returns the path on rank 0."""
         path = Path(path) if path is not None else self.ckpt_path
         if path is None:
             raise ValueError("no checkpoint path: pass ckpt_path to Trainer or a path to save()")
-        self.guard.check()
-        extra = {"last_metrics": self.last_metrics, **(self.extra_state() if self.extra_state else {})}
-        return save_checkpoint(path, self.model, step=self.step, epoch=self.epoch, optimizers=self.optimizers,
-                               schedulers=self.schedulers, extra=extra)
+        return self._write(self._snapshot(), path)
 
     def resume(self, path: str | Path | None = None) -> dict:
         """Load model, prior, optimizers, schedulers, step and RNG states; returns the checkpoint's ``extra``."""
@@ -140,10 +164,18 @@ class Trainer:
         return parts, grad_norm
 
     # ----------------------------------------------------------------------------------------- the loop
-    def _on_sigint(self, signum, frame):
-        if self._stop_requested:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
-        self._stop_requested = True
+    STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def _on_signal(self, signum, frame):
+        if self._stop_signal is not None:  # a second signal stops at once, without a checkpoint
+            self._raise_for(signum)
+        self._stop_signal = signum
+
+    @staticmethod
+    def _raise_for(signum: int):
+        if signum == signal.SIGTERM:
+            raise SystemExit(128 + signal.SIGTERM)
+        raise KeyboardInterrupt
 
     def request_stop(self) -> None:
         """End :meth:`fit` normally after the current step (from an ``on_epoch_end`` hook or ``evaluate``): the
@@ -151,12 +183,13 @@ class Trainer:
         from all-reduced metrics)."""
         self._finish_requested = True
 
-    def _stop_agreed(self) -> bool:
+    def _stop_agreed(self) -> int | None:
+        """The stop signal (SIGINT or SIGTERM) if any rank received one, else None."""
         if not dist_utils.is_distributed():
-            return self._stop_requested
-        flag = torch.tensor([float(self._stop_requested)], device=self._device)
+            return self._stop_signal
+        flag = torch.tensor([float(self._stop_signal or 0)], device=self._device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+        return int(flag.item()) or None
 
     def fit(self, batches: Callable[[int], Iterable], compute_loss: LossFn, *, max_steps: int,
             log_every: int = 50, eval_every: int | None = None, save_every: int | None = None,
@@ -170,21 +203,30 @@ class Trainer:
         (None: only at the end). on_epoch_end(trainer) runs every ``steps_per_epoch`` steps and after the last
         step, before evaluation and saving; it may change the model (e.g. the mixture weights) and call
         :meth:`request_stop` (the run then ends after this step, as if it were the last). Raises
-        NonFiniteLossError (no checkpoint written after the bad step) or KeyboardInterrupt (after writing a
-        checkpoint when ``ckpt_path`` is set).
+        NonFiniteLossError / NonFiniteStateError (the checkpoint on disk is the last one that evaluated to a finite
+        loss), KeyboardInterrupt (SIGINT) or SystemExit(143) (SIGTERM) after writing a checkpoint when ``ckpt_path``
+        is set.
         """
         if max_steps < self.step:
             raise ValueError(f"max_steps ({max_steps}) is below the resumed step ({self.step})")
         if log_every < 1:
             raise ValueError(f"log_every must be >= 1, got {log_every}")
-        previous_handler = None
-        with contextlib.suppress(ValueError):  # only possible in the main thread
-            previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
+        if self.ckpt_path is not None and dist_utils.is_main_process():
+            removed = remove_stale_temporaries(self.ckpt_path)
+            if removed:
+                self.logger.write(f"removed {len(removed)} temporary checkpoint file(s) left by an interrupted write: "
+                                  f"{', '.join(p.name for p in removed)}")
+        previous_handlers = {}
+        for signum in self.STOP_SIGNALS:
+            with contextlib.suppress(ValueError):  # only possible in the main thread
+                previous_handlers[signum] = signal.signal(signum, self._on_signal)
         self.logger.start_progress(max_steps, initial=self.step)
         sums: dict[str, torch.Tensor] = {}
         grad_sum = torch.zeros((), device=self._device)
         n_since_log, t_log = 0, time.perf_counter()
-        at_step_boundary = False  # a second Ctrl-C mid-step must not checkpoint a half-updated model
+        stop_at_boundary = None  # a second signal mid-step must not checkpoint a half-updated model
+        pending: bytes | None = None  # a periodic checkpoint waiting for the next step's loss to be finite
+        pending_ok = True
         self._finish_requested = False
         self.max_steps = max_steps
         try:
@@ -192,6 +234,10 @@ class Trainer:
             while self.step < max_steps:
                 batch = next(iterator)
                 parts, grad_norm = self.train_step(batch, compute_loss)
+                if pending is not None:  # this step's loss came from the pending checkpoint's parameters
+                    self.guard.check()
+                    self._write(pending, self.ckpt_path)
+                    pending = None
                 if on_epoch_end is not None and (self.step % self.steps_per_epoch == 0 or self.step == max_steps):
                     self.guard.check()  # never run a hook on a model a non-finite step has updated
                     on_epoch_end(self)
@@ -222,25 +268,38 @@ class Trainer:
                     self.last_metrics = {k: float(v) for k, v in evaluate(self).items()}
                     self.logger.summary(self.step, self.epoch, self.last_metrics)
                 if self.ckpt_path is not None and save_every and self.step % save_every == 0 and not last:
-                    self.save()
-                if (not dist_utils.is_distributed() or n_since_log == 0) and self._stop_agreed():
-                    at_step_boundary = True
-                    raise KeyboardInterrupt
+                    pending = self._snapshot()
+                if not dist_utils.is_distributed() or n_since_log == 0:
+                    stop_at_boundary = self._stop_agreed()
+                    if stop_at_boundary is not None:
+                        raise KeyboardInterrupt
                 if self._finish_requested:
                     break
             if self.ckpt_path is not None:
                 self.save()
         except KeyboardInterrupt:
-            if self.ckpt_path is not None and at_step_boundary:
+            if stop_at_boundary is None:
+                raise
+            if self.ckpt_path is not None:
+                pending = None  # superseded by the state saved now
                 path = self.save()
-                self.logger.write(f"interrupted at step {self.step}: checkpoint written to {path}")
+                name = signal.Signals(stop_at_boundary).name
+                self.logger.write(f"{name} at step {self.step}: checkpoint written to {path}")
+            if stop_at_boundary == signal.SIGTERM:
+                raise SystemExit(128 + signal.SIGTERM) from None
             raise
-        except NonFiniteLossError as exc:
+        except (NonFiniteLossError, NonFiniteStateError) as exc:
+            pending_ok = False  # its parameters gave (or may have given) a non-finite loss
             self.logger.write(str(exc))
             raise
         finally:
-            self._stop_requested = False
-            if previous_handler is not None:
-                signal.signal(signal.SIGINT, previous_handler)
+            if pending is not None and pending_ok:
+                # stopped by something else before the next step's loss was known (an error, a second signal): the
+                # pending state and the loss that led to it were finite, so it beats the older checkpoint on disk
+                self._write(pending, self.ckpt_path)
+            self._stop_signal = None
+            for signum, handler in previous_handlers.items():
+                if handler is not None:
+                    signal.signal(signum, handler)
             self.logger.close()
         return self.last_metrics
