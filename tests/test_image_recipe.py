@@ -112,6 +112,15 @@ def test_idx_dataset_by_name_prepare_then_train_with_the_preset(tmp_path, script
     assert final["steps"] == 2 and 0 <= final["test_acc"] <= 1 and np.isfinite(final["test_bpd"])
     assert 0 < final["train_s"] <= final["wall_s"] and set(metrics) >= {"test_acc", "test_bpd"}
 
+    # the preset run resumes (its prior comes from the checkpoint, not a new initialisation)
+    script.main(["--preset", "mnist-cpu", "--dataset", "fashion_mnist", f"--data_path={images}",
+                 f"--label_path={split}", f"--logdir={tmp_path / 'tb'}", f"--ckptdir={tmp_path / 'ck'}",
+                 "--mid_channels=4", "--num_blocks=1", "--batch_size=8", "--max_steps=3", "--resume=auto",
+                 f"--threads={threads}", "--backend=torch", "--log_freq=1", "--eval_batch_size=8"])
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "prior from the labeled points" not in out
+    assert json.loads(out.split("final ", 1)[1].splitlines()[0])["steps"] == 3
+
     # --time_limit: a limit any epoch passes ends the run at the first epoch end (5 steps), not at --max_steps
     script.main(["--dataset", "fashion_mnist", f"--data_path={images}", f"--label_path={split}",
                  f"--logdir={tmp_path / 'tb2'}", f"--ckptdir={tmp_path / 'ck2'}", "--mid_channels=4", "--num_blocks=1",
