@@ -106,9 +106,11 @@ class FlowGMMClassifier(ClassifierMixin, BaseEstimator):
         objective puts a cross-entropy on its labeled rows).
     ce_weight : float, default=1.0
         Weight per feature of the labeled cross-entropy in the "hybrid" objective.
-    label_weight : float, default=1.0
+    label_weight : float or "equal", default=1.0
         Weight of a labeled row's NLL relative to an unlabeled row's in the "generative" objective: 1 is the joint
         likelihood of all rows, so the many unlabeled rows, not the few labeled ones, fix the components' shape.
+        "equal": the labeled rows' mean NLL weighs as much as a batch's unlabeled mean NLL (the original code's
+        tabular loss), which makes a labeled row count batch_size / n_labeled times an unlabeled one.
     unlabeled_weight : float, default=1.0
         Weight of the unlabeled NLL; 0 trains on the labeled rows only.
     class_prior : "learn", "uniform", array-like or dict, default="learn"
@@ -154,7 +156,7 @@ class FlowGMMClassifier(ClassifierMixin, BaseEstimator):
         "batch_size": [Interval(numbers.Integral, 1, None, closed="left"), StrOptions({"auto"})],
         "objective": [StrOptions({"hybrid", "generative"})],
         "ce_weight": [Interval(numbers.Real, 0, None, closed="left")],
-        "label_weight": [Interval(numbers.Real, 0, None, closed="neither")],
+        "label_weight": [Interval(numbers.Real, 0, None, closed="neither"), StrOptions({"equal"})],
         "unlabeled_weight": [Interval(numbers.Real, 0, None, closed="left")],
         "class_prior": [StrOptions({"learn", "uniform"}), "array-like", dict],
         "validation_fraction": [Interval(numbers.Real, 0, 1, closed="left")],
@@ -170,7 +172,7 @@ class FlowGMMClassifier(ClassifierMixin, BaseEstimator):
     def __init__(self, *, n_estimators: int = 5, n_coupling_layers="auto", hidden_dim="auto", dropout: float = 0.2,
                  max_epochs: int = 200, max_steps="auto", learning_rate: float = 1e-3, weight_decay: float = 1e-4,
                  batch_size="auto", objective: str = "generative", ce_weight: float = 1.0,
-                 label_weight: float = 1.0, unlabeled_weight: float = 1.0, class_prior="learn",
+                 label_weight=1.0, unlabeled_weight: float = 1.0, class_prior="learn",
                  validation_fraction: float = 0.1, patience: int = 20, dequantize: bool = True,
                  n_quantiles: int = 1000, invertible_backprop: bool = False, device: str = "cpu",
                  random_state=None, verbose=False):
@@ -260,7 +262,10 @@ class FlowGMMClassifier(ClassifierMixin, BaseEstimator):
         steps_per_epoch = max(1, math.ceil(max(1, n_unl) / batch))
         # the loop averages labeled and unlabeled rows separately: a per-row weight becomes a weight of the means
         n_lab = int(y.shape[0] - n_unl)
-        lab_weight = self.label_weight * n_lab / batch if n_unl and self.unlabeled_weight > 0 else 1.0
+        if self.label_weight == "equal" or not (n_unl and self.unlabeled_weight > 0):
+            lab_weight = 1.0
+        else:
+            lab_weight = self.label_weight * n_lab / batch
         epochs = min(float(self.max_epochs), max_steps / steps_per_epoch)
 
         def sampler(idx, gen):

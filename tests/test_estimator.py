@@ -228,3 +228,18 @@ def test_invertible_backprop_fits_the_same_model():
     np.testing.assert_allclose(inv.predict_proba(x), std.predict_proba(x), atol=1e-4)
     with pytest.raises(ValueError, match="invertible_backprop"):
         FlowGMMClassifier(invertible_backprop="yes").fit(x, ys)
+
+
+def test_equal_label_weight_is_the_batch_over_labeled_ratio():
+    # "equal" weighs the labeled rows' mean NLL like a batch's unlabeled mean: the same fit as a per-row weight of
+    # batch / n_labeled, and a different one from the joint likelihood (label_weight=1) on this few-label table
+    x, y = _blobs(n=200)
+    ys = _semi(y, per_class=3)
+    params = dict(FAST, max_epochs=5, batch_size=50)
+    equal = FlowGMMClassifier(label_weight="equal", **params).fit(x, ys)
+    ratio = FlowGMMClassifier(label_weight=50 / 9, **params).fit(x, ys)
+    joint = FlowGMMClassifier(**params).fit(x, ys)
+    np.testing.assert_allclose(equal.predict_proba(x), ratio.predict_proba(x), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(equal.predict_proba(x), joint.predict_proba(x), atol=1e-4)
+    with pytest.raises(ValueError, match="label_weight"):
+        FlowGMMClassifier(label_weight="joint", **FAST).fit(x, ys)
