@@ -130,7 +130,6 @@ struct IsoBwd {
   const T *z, *centre, *means, *iv, *logits, *g_logits, *g_nll;
   const int64_t* labels;
   T* gz;
-  T* partials;  // per thread: N (K, D) = sum_b G_bk (z_b - c) / s_k^2, then colG, colP, colGz (K each)
   int64_t K, D;
   T lw;
 };
@@ -179,13 +178,22 @@ void iso_fwd_run(const IsoFwd<T>& a, int64_t B) {
   });
 }
 
+// rows summed in the compute dtype before their block's sums join the thread's float64 partials: a float running
+// sum over 10^5 rows loses digits that the log-std and weight gradients (differences of such sums) then amplify
+constexpr int64_t kBwdBlockRows = 64;
+
 template <typename T>
-void iso_bwd_run(const IsoBwd<T>& a, int64_t B, int64_t stride) {
+void iso_bwd_run(const IsoBwd<T>& a, int64_t B, int64_t stride, double* partials) {
   at::parallel_for(0, B, grain(a.D), [&](int64_t begin, int64_t end) {
-    std::vector<T> scratch(2 * a.K + a.D);
-    T* part = a.partials + at::get_thread_num() * stride;
-    if constexpr (std::is_same_v<T, float>) iso_bwd_range_f32(a, begin, end, part, scratch.data());
-    else iso_bwd_range(a, begin, end, part, scratch.data());
+    std::vector<T> scratch(2 * a.K + a.D), block(stride);
+    double* part = partials + at::get_thread_num() * stride;
+    for (int64_t lo = begin; lo < end; lo += kBwdBlockRows) {
+      std::fill(block.begin(), block.end(), T(0));
+      const int64_t hi = std::min(end, lo + kBwdBlockRows);
+      if constexpr (std::is_same_v<T, float>) iso_bwd_range_f32(a, lo, hi, block.data(), scratch.data());
+      else iso_bwd_range(a, lo, hi, block.data(), scratch.data());
+      for (int64_t i = 0; i < stride; ++i) part[i] += static_cast<double>(block[i]);
+    }
   });
 }
 
@@ -252,7 +260,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gmm_bwd(const OptTensor& grad_nll, co
   const Tensor lab = labels ? labels->contiguous() : Tensor();
   const Tensor inv_var = at::exp(in.log_std * -2);
   Tensor gz = at::empty({B, D}, in.z.options()), gmeans, glog_std;
-  Tensor colP = at::zeros({K}, in.z.options());
+  Tensor colP = at::zeros({K}, in.z.options().dtype(at::kDouble));  // float64: the weight gradient cancels
   AT_DISPATCH_FLOATING_TYPES(cdt, "gmm_bwd_cpu", [&] {
     using T = scalar_t;
     const T *lg = logits.data_ptr<T>(), *gnp = grad_nll ? gn.data_ptr<T>() : nullptr;
@@ -260,31 +268,30 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gmm_bwd(const OptTensor& grad_nll, co
     const T *zp = in.z.data_ptr<T>(), *iv = inv_var.data_ptr<T>(), *mp = in.means.data_ptr<T>();
     const int64_t* lp = labels ? lab.data_ptr<int64_t>() : nullptr;
     const T lw = static_cast<T>(label_weight);
-    T* cP = colP.data_ptr<T>();
+    double* cP = colP.data_ptr<double>();
     if (!in.diag) {
       const int64_t stride = K * D + 3 * K, nthreads = at::get_num_threads();
-      Tensor partials = at::zeros({nthreads, stride}, in.z.options());
-      const IsoBwd<T> a{zp, in.centre.data_ptr<T>(), mp, iv, lg, gLp, gnp, lp, gz.data_ptr<T>(), partials.data_ptr<T>(),
-                        K, D, lw};
-      iso_bwd_run(a, B, stride);
+      Tensor partials = at::zeros({nthreads, stride}, in.z.options().dtype(at::kDouble));
+      const IsoBwd<T> a{zp, in.centre.data_ptr<T>(), mp, iv, lg, gLp, gnp, lp, gz.data_ptr<T>(), K, D, lw};
+      iso_bwd_run(a, B, stride, partials.data_ptr<double>());
       const Tensor total = partials.sum(0);
-      const T* tp = total.data_ptr<T>();
-      const T *N = tp, *colG = tp + K * D, *colPt = colG + K, *colGz = colPt + K;
+      const double* tp = total.data_ptr<double>();
+      const double *N = tp, *colG = tp + K * D, *colPt = colG + K, *colGz = colPt + K;
       // dL/dmu_k = N_k - colG_k mu_k / s_k^2;
       // dL/dlog s_k = sum_b G_bk (maha_bk - D) = (sum_b G_bk |z_b|^2 + colG_k |mu_k|^2) / s_k^2 - 2 N_k.mu_k - D colG_k
       gmeans = at::empty({K, D}, in.z.options());
       glog_std = at::empty({K}, in.z.options());
       T *gmp = gmeans.data_ptr<T>(), *glp = glog_std.data_ptr<T>();
-      for (int64_t k = 0; k < K; ++k) {
-        const T ch = colG[k] * iv[k];
-        T musq = 0, nmu = 0;
+      for (int64_t k = 0; k < K; ++k) {  // in float64: the terms cancel
+        const double ivk = iv[k], ch = colG[k] * ivk;
+        double musq = 0, nmu = 0;
         for (int64_t d = 0; d < D; ++d) {
-          const T m = mp[k * D + d];
-          gmp[k * D + d] = N[k * D + d] - ch * m;
+          const double m = mp[k * D + d];
+          gmp[k * D + d] = static_cast<T>(N[k * D + d] - ch * m);
           musq += m * m;
           nmu += N[k * D + d] * m;
         }
-        glp[k] = iv[k] * (colGz[k] + colG[k] * musq) - 2 * nmu - static_cast<T>(D) * colG[k];
+        glp[k] = static_cast<T>(ivk * (colGz[k] + colG[k] * musq) - 2 * nmu - static_cast<double>(D) * colG[k]);
         cP[k] = colPt[k];
       }
       return;
@@ -297,20 +304,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gmm_bwd(const OptTensor& grad_nll, co
         math::row_grad(lg + b * K, gLp ? gLp + b * K : nullptr, gnp ? gnp[b] : T(0), K, lp ? lp[b] : -1, lw,
                        Gp + b * K, Pp + b * K);
     });
-    colP.copy_(P.sum(0));
-    const Tensor cg = G.sum(0).unsqueeze(1);
+    colP.copy_(P.sum(0, false, at::kDouble));
     const Tensor zc = in.z - in.centre;               // centred as in the forward
     const Tensor A = at::mm(G, inv_var);              // (B, D): sum_k G_bk iv_kd
     const Tensor Mm = at::mm(G, in.means * inv_var);  // (B, D): sum_k G_bk mu_kd iv_kd
     gz = Mm - zc * A;
-    const Tensor Gz = at::mm(G.t(), zc);              // (K, D)
-    const Tensor Gz2 = at::mm(G.t(), zc.square());    // (K, D)
-    gmeans = inv_var * (Gz - in.means * cg);
-    glog_std = inv_var * (Gz2 - 2 * in.means * Gz + in.means.square() * cg) - cg;
+    // the sums over rows, and the log-std expansion whose terms cancel, in float64 (as the isotropic path)
+    const Tensor Gt = G.t().to(at::kDouble), zcd = zc.to(at::kDouble), mud = in.means.to(at::kDouble);
+    const Tensor ivd = inv_var.to(at::kDouble), cg = Gt.sum(1, true);
+    const Tensor Gz = at::mm(Gt, zcd);                // (K, D)
+    const Tensor Gz2 = at::mm(Gt, zcd.square());      // (K, D)
+    gmeans = (ivd * (Gz - mud * cg)).to(cdt);
+    glog_std = (ivd * (Gz2 - 2 * mud * Gz + mud.square() * cg) - cg).to(cdt);
   });
   Tensor gw = at::empty({0}, in.z.options());
   if (weight_logits) {
-    gw = (colP - at::softmax(weight_logits->to(cdt), 0) * colP.sum()).to(weight_logits->scalar_type());
+    gw = (colP - at::softmax(weight_logits->to(at::kDouble), 0) * colP.sum()).to(weight_logits->scalar_type());
   }
   return {gz.to(z.scalar_type()), gmeans.to(means.scalar_type()), glog_std.to(log_std.scalar_type()), gw};
 }
