@@ -38,26 +38,26 @@ import sys
 if "--cpu-dry-run" in sys.argv:  # the interpreter must be chosen before triton is first imported
     os.environ["TRITON_INTERPRET"] = "1"
 
-import argparse  # noqa: E402
-import copy  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-import traceback  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Callable  # noqa: E402
+import argparse
+import copy
+import json
+import math
+import shutil
+import subprocess
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
-import flowgmm_fast as ff  # noqa: E402
-from flowgmm_fast import _backend, debug  # noqa: E402
-from flowgmm_fast import functional as F  # noqa: E402
+import flowgmm_fast as ff
+from flowgmm_fast import _backend, debug
+from flowgmm_fast import functional as F
 
-from . import common  # noqa: E402
+from . import common
 
 FAST = ("triton", "native")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -262,7 +262,7 @@ class Checker:
                 status, reason, details = fn()
             except Skip as exc:
                 status, reason, details = "skip", str(exc), {}
-            except Exception as exc:  # a crash is a failed check, recorded; the other checks still run
+            except Exception as exc:  # noqa: BLE001 -- a crash is a failed check, recorded; the other checks still run
                 status, reason, details = "fail", common.error_text(exc), {"traceback": traceback.format_exc()[-2000:]}
         rec = {"name": name, "status": status, "reason": reason, "seconds": round(time.perf_counter() - t0, 3),
                **({"details": details} if details else {})}
@@ -306,59 +306,59 @@ def parity_checks(ck: Checker, device: torch.device, dry: bool, fault: float) ->
     for case in parity_cases(dry):
         names = [f"parity/{case.name}/{b}/{dn}" for b in FAST for dn in DTYPES]
         names += [f"repeat/{case.name}/{b}" for b in FAST]
-        if not any(ck.wanted(n) for n in names):
-            continue
-        try:
-            base = case.make(device)
-            ref = run_case(case, _cast(base, torch.float64), "torch")
-            same = {dn: run_case(case, _cast(base, dt), "torch") for dn, dt in DTYPES.items()}
-        except Exception as exc:  # the reference itself failed: every check of the case fails, saying so
-            for n in names:
-                ck.run(n, lambda exc=exc: ("fail", f"reference run failed: {common.error_text(exc)}", {}))
-            continue
-        first: dict[str, dict] = {}
+        if any(ck.wanted(n) for n in names):
+            parity_case(ck, case, names, device, backends, fault)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
-        for b in FAST:
-            for dn, dt in DTYPES.items():
-                def check(b=b, dn=dn, dt=dt):
-                    if backends[b] is not None:
-                        raise Skip(backends[b])
-                    got = run_case(case, _cast(base, dt), b, fault)
-                    if dn == "fp32":
-                        first[b] = got
-                    quantities, ok = {}, True
-                    for q, r in ref.items():
-                        if q not in got:
-                            quantities[q] = {"ok": False, "error": "no value from the backend"}
-                            ok = False
-                            continue
-                        err, terr = rel_err(got[q], r), rel_err(same[dn][q], r)
-                        ratio = err / max(terr, EPS[dt])
-                        good = math.isfinite(ratio) and ratio <= RATIO_BOUND
-                        ok &= good
-                        quantities[q] = {"err": err, "torch_err": terr, "ratio": round(ratio, 4), "ok": good}
-                    worst = max(quantities, key=lambda q: quantities[q].get("ratio", math.inf))
-                    reason = (f"{case.shape}: worst {worst} ratio {quantities[worst].get('ratio')} "
-                              f"(bound {RATIO_BOUND})")
-                    return ("pass" if ok else "fail"), reason, {"shape": case.shape, "quantities": quantities}
 
-                ck.run(f"parity/{case.name}/{b}/{dn}", check)
+def parity_case(ck: Checker, case: Case, names: list[str], device: torch.device, backends: dict, fault: float):
+    try:
+        base = case.make(device)
+        ref = run_case(case, _cast(base, torch.float64), "torch")
+        same = {dn: run_case(case, _cast(base, dt), "torch") for dn, dt in DTYPES.items()}
+    except Exception as exc:  # noqa: BLE001 -- the reference itself failed: every check of the case fails, saying so
+        for n in names:
+            ck.run(n, lambda exc=exc: ("fail", f"reference run failed: {common.error_text(exc)}", {}))
+        return
+    first: dict[str, dict] = {}
 
-        for b in FAST:
-            def repeat(b=b):
-                if backends[b] is not None:
-                    raise Skip(backends[b])
-                one = first.get(b) or run_case(case, _cast(base, torch.float32), b, fault)
-                two = run_case(case, _cast(base, torch.float32), b, fault)
-                differ = [q for q in one if not torch.equal(one[q], two[q])]
-                if differ:
-                    return "fail", f"{case.shape}: bits differ between two runs in {differ}", {"differ": differ}
-                return "pass", f"{case.shape}: {len(one)} outputs/gradients bit-identical", {}
+    def check(b, dn, dt):
+        if backends[b] is not None:
+            raise Skip(backends[b])
+        got = run_case(case, _cast(base, dt), b, fault)
+        if dn == "fp32":
+            first[b] = got
+        quantities, ok = {}, True
+        for q, r in ref.items():
+            if q not in got:
+                quantities[q] = {"ok": False, "error": "no value from the backend"}
+                ok = False
+                continue
+            err, terr = rel_err(got[q], r), rel_err(same[dn][q], r)
+            ratio = err / max(terr, EPS[dt])
+            good = math.isfinite(ratio) and ratio <= RATIO_BOUND
+            ok &= good
+            quantities[q] = {"err": err, "torch_err": terr, "ratio": round(ratio, 4), "ok": good}
+        worst = max(quantities, key=lambda q: quantities[q].get("ratio", math.inf))
+        reason = f"{case.shape}: worst {worst} ratio {quantities[worst].get('ratio')} (bound {RATIO_BOUND})"
+        return ("pass" if ok else "fail"), reason, {"shape": case.shape, "quantities": quantities}
 
-            ck.run(f"repeat/{case.name}/{b}", repeat)
-        del base, ref, same, first
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    def repeat(b):
+        if backends[b] is not None:
+            raise Skip(backends[b])
+        one = first.get(b) or run_case(case, _cast(base, torch.float32), b, fault)
+        two = run_case(case, _cast(base, torch.float32), b, fault)
+        differ = [q for q in one if not torch.equal(one[q], two[q])]
+        if differ:
+            return "fail", f"{case.shape}: bits differ between two runs in {differ}", {"differ": differ}
+        return "pass", f"{case.shape}: {len(one)} outputs/gradients bit-identical", {}
+
+    for b in FAST:
+        for dn, dt in DTYPES.items():
+            ck.run(f"parity/{case.name}/{b}/{dn}", lambda b=b, dn=dn, dt=dt: check(b, dn, dt))
+    for b in FAST:
+        ck.run(f"repeat/{case.name}/{b}", lambda b=b: repeat(b))
 
 
 # ------------------------------------------------------------------------------------------------ edge cases
@@ -497,20 +497,20 @@ def odd_shape_ops(device: torch.device) -> list[str]:
     for rev in (False, True):
         tensors = [x, s, t, sc, sl]
         compare(f"coupling checkerboard reverse={rev}",
-                lambda x, s, t, sc, sl: F.affine_coupling(x, s, t, sc, F.checkerboard(1), rev, sl))
+                lambda x, s, t, sc, sl, rev=rev: F.affine_coupling(x, s, t, sc, F.checkerboard(1), rev, sl))
         compare(f"coupling tensor mask reverse={rev}",
-                lambda x, s, t, sc, sl: F.affine_coupling(x, s, t, sc, mask, rev, sl))
+                lambda x, s, t, sc, sl, rev=rev: F.affine_coupling(x, s, t, sc, mask, rev, sl))
         tensors = [x.reshape(3, -1)[:, :37], s.reshape(3, -1)[:, :37], t.reshape(3, -1)[:, :37]]
-        compare(f"vector coupling reverse={rev}", lambda x, s, t: F.affine_coupling(x, s, t, None, None, rev))
+        compare(f"vector coupling reverse={rev}", lambda x, s, t, rev=rev: F.affine_coupling(x, s, t, None, None, rev))
     tensors = [rnd(*shape, kind="rand"), rnd(*shape, kind="rand"), sl]
     compare("logit", lambda x, n, sl: F.logit_transform(x, 0.05, False, sl, noise=n))
     tensors = [x]
     compare("logit reverse", lambda x: F.logit_transform(x, 0.05, True))
     for alt in (False, True):
         tensors = [rnd(3, 5, 6, 8)]
-        compare(f"squeeze alt_order={alt}", lambda x: F.squeeze2x2(x, False, alt))
+        compare(f"squeeze alt_order={alt}", lambda x, alt=alt: F.squeeze2x2(x, False, alt))
         tensors = [rnd(3, 20, 3, 5)]
-        compare(f"unsqueeze alt_order={alt}", lambda x: F.squeeze2x2(x, True, alt))
+        compare(f"unsqueeze alt_order={alt}", lambda x, alt=alt: F.squeeze2x2(x, True, alt))
     labels = torch.tensor([-1, 4, 0], device=device)
     for diag in (False, True):
         tensors = [rnd(3, 245), rnd(5, 245), 0.1 * rnd(*((5, 245) if diag else (5,))), rnd(5)]
@@ -540,11 +540,11 @@ def sanitizer_checks(ck: Checker, device: torch.device) -> None:
         exe = shutil.which("compute-sanitizer")
         if exe is None:
             raise Skip("no compute-sanitizer on PATH")
-        left = max(30.0, ck.deadline - time.monotonic())
+        left = min(600.0, max(30.0, ck.deadline - time.monotonic()))
         cmd = [exe, "--tool", "memcheck", "--error-exitcode", "3", sys.executable, "-m", "benchmarks.gpu_check",
                "--sanitizer-child"]
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=left,
+            proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=left,
                                   cwd=Path(__file__).resolve().parent.parent)
         except subprocess.TimeoutExpired:
             return "fail", f"compute-sanitizer did not finish within {left:.0f} s", {}
@@ -601,56 +601,53 @@ def train_checks(ck: Checker, device: torch.device, dry: bool) -> None:
     models = None
     for mname in ("realnvp", "tabular"):
         for b in ("torch",) + FAST:
-            reason = None if b == "torch" else avail[b]
             names = [f"train/{mname}/{b}/{v}" for v in ("compile", "cudagraph", "repeat")]
-            if not any(ck.wanted(n) for n in names):
-                continue
-            if models is None:
-                models = _train_models(device, dry)
-            model0, x, labels = models[mname]
+            if any(ck.wanted(n) for n in names):
+                models = models or _train_models(device, dry)
+                train_backend(ck, device, mname, b, None if b == "torch" else avail[b], *models[mname])
 
-            def compile_check(b=b):
-                if reason is not None:
-                    raise Skip(reason)
-                model = copy.deepcopy(model0)
-                compiler = "inductor" if device.type == "cuda" else "aot_eager"
-                with ff.use_backend(b):
-                    eager = _loss_and_grads(model, x, labels)
-                    torch._dynamo.reset()
-                    step = torch.compile(lambda x, y: model(x, y, 2.0).nll.mean(), backend=compiler, fullgraph=True)
-                    comp = _loss_and_grads(model, x, labels, step)
-                diff = _close([comp[0]] + comp[1], [eager[0]] + eager[1], 1e-3, 1e-4)
-                details = {"loss": float(comp[0]), "eager_loss": float(eager[0]), "compiler": compiler}
-                if diff is not None or not math.isfinite(float(comp[0])):
-                    return "fail", f"compiled step differs from eager by up to {diff}", details
-                return "pass", f"fullgraph {compiler}: loss {float(comp[0]):.6g} = eager, gradients close", details
 
-            def graph_check(b=b):
-                if reason is not None:
-                    raise Skip(reason)
-                if device.type != "cuda":
-                    raise Skip(f"CUDA graphs need a CUDA device (device {device.type})")
-                return cuda_graph_step(model0, x, labels, b)
+def train_backend(ck: Checker, device: torch.device, mname: str, b: str, reason: str | None, model0, x, labels):
+    def compile_check():
+        if reason is not None:
+            raise Skip(reason)
+        model = copy.deepcopy(model0)
+        compiler = "inductor" if device.type == "cuda" else "aot_eager"
+        with ff.use_backend(b):
+            eager = _loss_and_grads(model, x, labels)
+            torch._dynamo.reset()
+            step = torch.compile(lambda x, y: model(x, y, 2.0).nll.mean(), backend=compiler, fullgraph=True)
+            comp = _loss_and_grads(model, x, labels, step)
+        diff = _close([comp[0]] + comp[1], [eager[0]] + eager[1], 1e-3, 1e-4)
+        details = {"loss": float(comp[0]), "eager_loss": float(eager[0]), "compiler": compiler}
+        if diff is not None or not math.isfinite(float(comp[0])):
+            return "fail", f"compiled step differs from eager by up to {diff}", details
+        return "pass", f"fullgraph {compiler}: loss {float(comp[0]):.6g} = eager, gradients close", details
 
-            def repeat_check(b=b):
-                if reason is not None:
-                    raise Skip(reason)
-                runs = []
-                for _ in range(2):
-                    model = copy.deepcopy(model0)
-                    with ff.use_backend(b):
-                        runs.append(_loss_and_grads(model, x, labels))
-                same = torch.equal(runs[0][0], runs[1][0]) and all(
-                    torch.equal(u, v) for u, v in zip(runs[0][1], runs[1][1]))
-                if not same:
-                    n = sum(not torch.equal(u, v) for u, v in zip(runs[0][1], runs[1][1]))
-                    return "fail", f"two identical steps differ: loss equal {torch.equal(runs[0][0], runs[1][0])}, " \
-                                   f"{n} of {len(runs[0][1])} gradients differ", {}
-                return "pass", f"loss and {len(runs[0][1])} gradients bit-identical over two steps", {}
+    def graph_check():
+        if reason is not None:
+            raise Skip(reason)
+        if device.type != "cuda":
+            raise Skip(f"CUDA graphs need a CUDA device (device {device.type})")
+        return cuda_graph_step(model0, x, labels, b)
 
-            ck.run(f"train/{mname}/{b}/compile", compile_check)
-            ck.run(f"train/{mname}/{b}/cudagraph", graph_check)
-            ck.run(f"train/{mname}/{b}/repeat", repeat_check)
+    def repeat_check():
+        if reason is not None:
+            raise Skip(reason)
+        runs = []
+        for _ in range(2):
+            model = copy.deepcopy(model0)
+            with ff.use_backend(b):
+                runs.append(_loss_and_grads(model, x, labels))
+        loss_same = torch.equal(runs[0][0], runs[1][0])
+        n = sum(not torch.equal(u, v) for u, v in zip(runs[0][1], runs[1][1]))
+        if not loss_same or n:
+            return "fail", f"two identical steps differ: loss equal {loss_same}, {n} of {len(runs[0][1])} gradients", {}
+        return "pass", f"loss and {len(runs[0][1])} gradients bit-identical over two steps", {}
+
+    ck.run(f"train/{mname}/{b}/compile", compile_check)
+    ck.run(f"train/{mname}/{b}/cudagraph", graph_check)
+    ck.run(f"train/{mname}/{b}/repeat", repeat_check)
 
 
 def cuda_graph_step(model0, x, labels, backend: str):
@@ -733,10 +730,15 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_check: no CUDA device; use --cpu-dry-run to run the checks on the CPU at tiny shapes",
               file=sys.stderr)
         return 2
+    # fp32 means fp32: no TF32 in PyTorch's matmuls or cuDNN's convolutions (the s/t net of the module case), on the
+    # kernels' side and the reference's alike
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     t0 = time.monotonic()
     meta = common.run_metadata(device, argv=None if argv is None else ["benchmarks.gpu_check", *argv])
     meta["mode"] = "cpu-dry-run" if args.cpu_dry_run else "gpu"
     meta["fast_backends"] = fast_backends(device)
+    meta["tf32"] = False
     out_dir = Path(args.out) if args.out else common.RESULTS_DIR / "gpu_run"
     deadline = t0 + args.deadline_s if args.deadline_s else math.inf
     ck = Checker(out_dir, meta, deadline, [s for s in args.only.split(",") if s] if args.only else None)
