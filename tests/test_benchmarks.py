@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -324,3 +325,28 @@ def test_bench_cpu_recipe_smoke():
     assert max(losses) - min(losses) <= 1e-3 * abs(losses[0])
     with pytest.raises(SystemExit, match="unknown"):
         bench_cpu_recipe.main(["--variants", "fp8", "--no-write"])
+
+
+def test_invertible_render_of_several_files_lets_a_later_part_replace_the_earlier(tmp_path):
+    from benchmarks import bench_invertible as B
+    from benchmarks import common
+
+    def time_rec(ratio):
+        return {"part": "time", "config": "mnist", "batch": 64, "depth": 10, "pairs": 3, "ratios": [ratio] * 3,
+                "median_ratio": ratio, "median_standard_s": 2.0, "median_invertible_s": 2.0 * ratio}
+
+    mem = {"part": "memory", "config": "mnist", "axis": "batch", "mode": "standard", "grads": "kept",
+           "param_mb": 1.0, "batch": 64, "depth": 10, "peak_mb": 900.0}
+    meta = {"device": "Fake CPU", "torch": "x", "date_utc": "then", "device_tag": "cpu-1t"}
+    files = []
+    for i, recs in enumerate(([mem, time_rec(1.5)], [time_rec(1.2)])):
+        path = common.write_results("invertible", {**meta, "git_commit": f"{i}" * 10}, recs, tmp_path / "res")
+        files.append(str(path))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{B.README_START}\n{B.README_END}\n")
+    B.main(["--render", *files, "--readme", str(readme)])
+    text = readme.read_text()
+    assert "| ... and step time <= 1.4x standard | 1.20x (3 pairs) | yes |" in text  # the later file's time part
+    assert "1.50x" not in text and all(Path(f).name in text for f in files)
+    merged = B.merge_results([common.load_results(f) for f in files])
+    assert sorted(r["part"] for r in merged) == ["memory", "time"]  # the earlier file's other parts stay
