@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights_trainable", action="store_true")
     p.add_argument("--gmm_trainable", action="store_true", help="means, covariances and weights trainable")
     p.add_argument("--lr_gmm", default=1e-2, type=float, help="Adam lr of the trainable prior parameters")
-    p.add_argument("--supervised_only", action="store_true", help="drop the unlabeled NLL term")
+    p.add_argument("--supervised_only", action="store_true",
+                   help="labeled images only: whole batches of them, no unlabeled NLL term")
     p.add_argument("--resume", default=None, help="checkpoint to resume from ('auto': <ckptdir>/last.pt if present)")
     # additions
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "native"])
@@ -312,7 +313,8 @@ def main(argv=None):
     labeled = load_label_split(args.label_path, train)
     loader = SemiSupervisedLoader(train, labeled, args.batch_size, seed=args.seed, device=info.device,
                                   rank=info.rank, world_size=info.world_size, num_workers=args.num_workers,
-                                  augment_data=not args.no_augment, crop_padding=args.crop_padding)
+                                  augment_data=not args.no_augment, crop_padding=args.crop_padding,
+                                  supervised_only=args.supervised_only)
     spe = loader.steps_per_epoch
     max_steps = args.num_epochs * spe if args.max_steps is None else args.max_steps
 

@@ -130,6 +130,14 @@ def test_idx_dataset_by_name_prepare_then_train_with_the_preset(tmp_path, script
     final = json.loads(capsys.readouterr().out.split("final ", 1)[1].splitlines()[0])
     assert final["steps"] == 5 and final["epoch"] == 1.0 and final["test_n"] == 20  # the final evaluation: all
 
+    # --supervised_only: whole batches of labeled images (none of the batch is spent on unlabeled rows the loss
+    # drops), so an epoch over the 20 labeled images is 20 // 8 = 2 steps, not 20 // 4 = 5
+    script.main(["--dataset", "fashion_mnist", f"--data_path={images}", f"--label_path={split}",
+                 f"--logdir={tmp_path / 'tb3'}", f"--ckptdir={tmp_path / 'ck3'}", "--mid_channels=4", "--num_blocks=1",
+                 "--batch_size=8", "--max_steps=1", "--supervised_only", "--backend=torch", "--eval_batch_size=8"])
+    out = capsys.readouterr().out
+    assert "| 2 steps/epoch" in out and json.loads(out.split("final ", 1)[1].splitlines()[0])["steps"] == 1
+
 
 def test_identity_flow_init_starts_as_the_logit_layer_and_still_learns(script):
     torch.manual_seed(0)
