@@ -348,5 +348,6 @@ def test_invertible_render_of_several_files_lets_a_later_part_replace_the_earlie
     text = readme.read_text()
     assert "| ... and step time <= 1.4x standard | 1.20x (3 pairs) | yes |" in text  # the later file's time part
     assert "1.50x" not in text and all(Path(f).name in text for f in files)
-    merged = B.merge_results([common.load_results(f) for f in files])
+    merged, used = B.merge_results([common.load_results(f) for f in files])
     assert sorted(r["part"] for r in merged) == ["memory", "time"]  # the earlier file's other parts stay
+    assert used == [{"memory"}, {"time"}]
