@@ -16,7 +16,10 @@ experiments/RESULTS.md, "FlowGMMClassifier"):
 3. Training (:func:`flowgmm_fast.semisup.fit_flowgmm`, the library's one tabular loop): the FlowGMM objective;
    at every epoch end an EM step of the class priors from the unlabeled rows' responsibilities
    (``class_prior="learn"``), and early stopping on the held-out NLL (needs no labels).
-4. Prediction: the members' class posteriors p(y | x), including the learned priors, averaged.
+4. Prediction: the members' class posteriors p(y | x), including the learned priors, averaged, then spread along a
+   k-nearest-neighbour graph of the training rows (:class:`~flowgmm_fast.graph.KNNSpreading`: label spreading
+   started from FlowGMM's posteriors, labeled rows clamped); a new row gets the mean spread posterior of its
+   nearest training rows. ``n_neighbors=0`` predicts with FlowGMM's posteriors alone.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._version import __version__
+from .graph import KNNSpreading
 from .model import FlowGMM
 from .preprocessing import QuantileGaussianizer
 from .semisup import FitConfig, build_tabular_flowgmm, fit_flowgmm, init_means_from_labeled, init_std_from_labeled
@@ -124,6 +128,15 @@ class FlowGMMClassifier(ClassifierMixin, BaseEstimator):
         Dequantise tied (discrete) values during training (see the module docstring).
     n_quantiles : int, default=1000
         Reference quantiles per column of the preprocessing.
+    n_neighbors : int, default=7
+        Neighbours per training row in the graph along which the members' class posteriors are spread before
+        prediction (:class:`~flowgmm_fast.graph.KNNSpreading`, on the preprocessed features); a new row is given the
+        mean of its ``n_neighbors`` nearest training rows' spread posteriors. 0: no graph, FlowGMM's posteriors.
+        The fitted model then keeps the preprocessed training rows (n_samples x n_features floats).
+    spreading_alpha : float in [0, 1), default=0.9
+        How much a row's spread distribution takes from its neighbours against its start (label spreading's alpha).
+    spreading_start : float, default=0.05
+        Weight of FlowGMM's posterior as an unlabeled row's start, against 1 for a labeled row's one-hot label.
     invertible_backprop : bool, default=False
         Train the flows with backprop by inversion (:mod:`flowgmm_fast.nn.invertible`): the same gradients, training
         memory that does not grow with the number of coupling layers, at the cost of recomputing each coupling's
@@ -163,6 +176,9 @@ class FlowGMMClassifier(ClassifierMixin, BaseEstimator):
         "patience": [Interval(numbers.Integral, 1, None, closed="left")],
         "dequantize": ["boolean"],
         "n_quantiles": [Interval(numbers.Integral, 2, None, closed="left")],
+        "n_neighbors": [Interval(numbers.Integral, 0, None, closed="left")],
+        "spreading_alpha": [Interval(numbers.Real, 0, 1, closed="left")],
+        "spreading_start": [Interval(numbers.Real, 0, None, closed="left")],
         "invertible_backprop": ["boolean"],
         "device": [str],
         "random_state": ["random_state"],
@@ -174,7 +190,8 @@ class FlowGMMClassifier(ClassifierMixin, BaseEstimator):
                  batch_size="auto", objective: str = "generative", ce_weight: float = 1.0,
                  label_weight=1.0, unlabeled_weight: float = 1.0, class_prior="learn",
                  validation_fraction: float = 0.1, patience: int = 20, dequantize: bool = True,
-                 n_quantiles: int = 1000, invertible_backprop: bool = False, device: str = "cpu",
+                 n_quantiles: int = 1000, n_neighbors: int = 7, spreading_alpha: float = 0.9,
+                 spreading_start: float = 0.05, invertible_backprop: bool = False, device: str = "cpu",
                  random_state=None, verbose=False):
         self.n_estimators = n_estimators
         self.n_coupling_layers = n_coupling_layers
@@ -194,6 +211,9 @@ class FlowGMMClassifier(ClassifierMixin, BaseEstimator):
         self.patience = patience
         self.dequantize = dequantize
         self.n_quantiles = n_quantiles
+        self.n_neighbors = n_neighbors
+        self.spreading_alpha = spreading_alpha
+        self.spreading_start = spreading_start
         self.invertible_backprop = invertible_backprop
         self.device = device
         self.random_state = random_state
@@ -303,6 +323,10 @@ class FlowGMMClassifier(ClassifierMixin, BaseEstimator):
                                                         if result.best_step is not None else ""), flush=True)
         self.class_prior_ = np.mean([torch.softmax(m.prior.weight_logits.detach().float(), 0).cpu().numpy()
                                      for m in self.estimators_], axis=0)
+        self.spreading_ = None
+        if self.n_neighbors > 0:
+            self.spreading_ = KNNSpreading(**self._spreading_params()).fit(
+                z_mid.cpu().numpy(), self._flow_proba(z_mid), codes)
         self.fit_time_ = time.perf_counter() - t0
         return self
 
@@ -350,12 +374,29 @@ class FlowGMMClassifier(ClassifierMixin, BaseEstimator):
                          torch.cat(logp) if logp else z.new_zeros(0, dtype=torch.float64)))
         return outs
 
+    def _flow_proba(self, z: torch.Tensor) -> np.ndarray:
+        """(N, K) FlowGMM's class posteriors p(y | x), averaged over the members."""
+        outs = self._member_outputs(z)
+        return torch.stack([lp.exp() for lp, _ in outs]).mean(0).cpu().numpy()
+
+    def flow_proba(self, X) -> np.ndarray:
+        """(n_samples, n_classes) FlowGMM's own class posteriors p(y | x) (learned priors included), averaged over
+        the members, before the graph step: what :meth:`predict_proba` returns with ``n_neighbors=0`` (the training
+        does not depend on ``n_neighbors``)."""
+        return self._flow_proba(self._features(X))
+
+    def _spreading_params(self) -> dict:
+        return {"n_neighbors": int(self.n_neighbors), "alpha": float(self.spreading_alpha),
+                "start_weight": float(self.spreading_start)}
+
     def predict_proba(self, X) -> np.ndarray:
-        """(n_samples, n_classes) class posteriors p(y | x), averaged over the members; columns follow
-        ``classes_``."""
-        outs = self._member_outputs(self._features(X))
-        proba = torch.stack([lp.exp() for lp, _ in outs]).mean(0)
-        return proba.cpu().numpy()
+        """(n_samples, n_classes) class probabilities; columns follow ``classes_``. FlowGMM's posteriors p(y | x)
+        averaged over the members, then (``n_neighbors`` > 0) the mean of the nearest training rows' spread
+        posteriors (see the class docstring)."""
+        z = self._features(X)
+        if self.spreading_ is not None:
+            return self.spreading_.predict_proba(z.cpu().numpy())
+        return self._flow_proba(z)
 
     def predict_log_proba(self, X) -> np.ndarray:
         with np.errstate(divide="ignore"):
@@ -422,12 +463,16 @@ class FlowGMMClassifier(ClassifierMixin, BaseEstimator):
             "feature_names_in": (self.feature_names_in_.tolist() if hasattr(self, "feature_names_in_") else None),
             "member": self._member_spec(), "n_members": len(self.estimators_), "n_iter": list(self.n_iter_),
             "class_prior": self.class_prior_.tolist(), "fit_time_s": round(float(self.fit_time_), 3),
+            "spreading": self.spreading_ is not None,
         }
         tensors = {f"preprocessor.{k}": torch.from_numpy(np.ascontiguousarray(v))
                    for k, v in self.preprocessor_.state().items()}
         for m, model in enumerate(self.estimators_):
             for k, v in model.state_dict().items():
                 tensors[f"member{m}.{k}"] = v.detach().cpu().contiguous()
+        if self.spreading_ is not None:
+            for k, v in self.spreading_.state().items():
+                tensors[f"spreading.{k}"] = torch.from_numpy(np.ascontiguousarray(v))
         return config, tensors
 
     def save(self, path) -> Path:
@@ -511,6 +556,11 @@ class FlowGMMClassifier(ClassifierMixin, BaseEstimator):
         self.n_iter_ = list(config.get("n_iter", []))
         self.class_prior_ = np.asarray(config["class_prior"])
         self.fit_time_ = float(config.get("fit_time_s", 0.0))
+        self.spreading_ = None
+        if config.get("spreading"):
+            self.spreading_ = KNNSpreading.from_state(
+                {k.split(".", 1)[1]: v.numpy() for k, v in tensors.items() if k.startswith("spreading.")},
+                **self._spreading_params())
 
     # pickle / joblib / deepcopy: the flows hold weight-normalised (parametrized) layers, which torch serialises
     # through state dicts only, so the fitted state goes through the same path as save/load.
@@ -519,7 +569,8 @@ class FlowGMMClassifier(ClassifierMixin, BaseEstimator):
         if "estimators_" in state:
             config, tensors = self._fitted_state()
             for key in ("estimators_", "preprocessor_", "classes_", "n_features_in_", "feature_names_in_",
-                        "n_coupling_layers_", "hidden_dim_", "n_iter_", "class_prior_", "fit_time_"):
+                        "n_coupling_layers_", "hidden_dim_", "n_iter_", "class_prior_", "fit_time_",
+                        "spreading_"):
                 state.pop(key, None)
             state["_fitted"] = (config, {k: v.numpy() for k, v in tensors.items()})
         return state

@@ -225,7 +225,7 @@ def test_invertible_backprop_fits_the_same_model():
     inv = FlowGMMClassifier(**{**FAST, "max_epochs": 5, "invertible_backprop": True}).fit(x, ys)
     assert inv.estimators_[0].flow.invertible_backprop and not std.estimators_[0].flow.invertible_backprop
     assert inv.n_iter_ == std.n_iter_
-    np.testing.assert_allclose(inv.predict_proba(x), std.predict_proba(x), atol=1e-4)
+    np.testing.assert_allclose(inv.flow_proba(x), std.flow_proba(x), atol=1e-4)
     with pytest.raises(ValueError, match="invertible_backprop"):
         FlowGMMClassifier(invertible_backprop="yes").fit(x, ys)
 
@@ -239,7 +239,29 @@ def test_equal_label_weight_is_the_batch_over_labeled_ratio():
     equal = FlowGMMClassifier(label_weight="equal", **params).fit(x, ys)
     ratio = FlowGMMClassifier(label_weight=50 / 9, **params).fit(x, ys)
     joint = FlowGMMClassifier(**params).fit(x, ys)
-    np.testing.assert_allclose(equal.predict_proba(x), ratio.predict_proba(x), rtol=1e-5, atol=1e-6)
-    assert not np.allclose(equal.predict_proba(x), joint.predict_proba(x), atol=1e-4)
+    np.testing.assert_allclose(equal.flow_proba(x), ratio.flow_proba(x), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(equal.flow_proba(x), joint.flow_proba(x), atol=1e-4)
     with pytest.raises(ValueError, match="label_weight"):
         FlowGMMClassifier(label_weight="joint", **FAST).fit(x, ys)
+
+
+def test_graph_step_spreads_the_flows_posteriors_and_can_be_turned_off():
+    x, y = _blobs(n=200)
+    ys = _semi(y)
+    graph = FlowGMMClassifier(**FAST).fit(x, ys)
+    plain = FlowGMMClassifier(**{**FAST, "n_neighbors": 0}).fit(x, ys)
+    assert plain.spreading_ is None and graph.spreading_ is not None
+    # the training does not depend on the graph; n_neighbors=0 predicts with the flow's own posteriors
+    np.testing.assert_array_equal(graph.flow_proba(x), plain.flow_proba(x))
+    np.testing.assert_array_equal(plain.predict_proba(x), plain.flow_proba(x))
+    proba = graph.predict_proba(x)
+    assert not np.allclose(proba, graph.flow_proba(x))
+    z = graph.preprocessor_.transform(x)
+    np.testing.assert_array_equal(proba, graph.spreading_.predict_proba(z))
+    np.testing.assert_allclose(proba.sum(1), 1.0)
+    # the start is the flow's posterior over the training rows, the labeled rows clamped to their labels
+    lab = ys >= 0
+    assert (graph.spreading_.distributions_[lab].argmax(1) == ys[lab]).all()
+    for bad in ({"n_neighbors": -1}, {"spreading_alpha": 1.0}, {"spreading_start": -0.5}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            FlowGMMClassifier(**{**FAST, **bad}).fit(x, ys)

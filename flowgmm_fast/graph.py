@@ -1,0 +1,126 @@
+"""Spreading class posteriors along a k-nearest-neighbour graph of the training rows (label spreading, Zhou et al.,
+"Learning with Local and Global Consistency", NIPS 2003), started from a model's class posteriors.
+
+:class:`~flowgmm_fast.FlowGMMClassifier` uses it as its last step: FlowGMM fits one Gaussian per class in a flow's
+latent space, which cannot follow a class made of several clusters (the styles of a hand-written digit); a graph of
+the training rows can. Started from FlowGMM's posteriors (weighted by ``start_weight``) with the labeled rows
+clamped to their labels, the spreading keeps FlowGMM's answer where the graph has nothing to add and corrects it
+where the neighbours disagree. A new row gets the mean of its ``n_neighbors`` nearest training rows' spread
+distributions (as scikit-learn's ``LabelSpreading(kernel="knn")`` predicts).
+
+Needs scikit-learn and SciPy (the ``[sklearn]`` extra).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+__all__ = ["KNNSpreading"]
+
+
+def _check(name, value, lo, hi, lo_closed=True, hi_closed=False, integral=False):
+    kind = numbers.Integral if integral else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind) or not np.isfinite(value):
+        raise TypeError(f"{name} must be {'an int' if integral else 'a finite number'}, got {value!r}")
+    above = hi is not None and (value > hi or (value == hi and not hi_closed))
+    if value < lo or (value == lo and not lo_closed) or above:
+        lo_s = "[" if lo_closed else "("
+        hi_s = "]" if hi_closed else ")"
+        raise ValueError(f"{name} must be in {lo_s}{lo}, {hi if hi is not None else 'inf'}{hi_s}, got {value!r}")
+
+
+class KNNSpreading:
+    """Label spreading on the kNN graph of ``x`` (n_rows, n_features).
+
+    fit(x, start, labels): ``start`` (n_rows, n_classes) the model's class posteriors, ``labels`` (n_rows,) class
+    codes 0..K-1 for labeled rows and -1 for unlabeled ones. Y0 = one-hot on labeled rows, ``start_weight`` x start
+    on the others; F solves F = alpha S F + (1 - alpha) Y0 with S = D^-1/2 W D^-1/2 (W: the symmetrised kNN graph),
+    by iteration to ``tol``. ``distributions_`` is F with rows normalised.
+    predict_proba(x_new): the mean of the distributions of each new row's ``n_neighbors`` nearest training rows.
+    """
+
+    def __init__(self, n_neighbors: int = 7, alpha: float = 0.9, start_weight: float = 0.05, max_iter: int = 1000,
+                 tol: float = 1e-6):
+        _check("n_neighbors", n_neighbors, 1, None, integral=True)
+        _check("alpha", alpha, 0.0, 1.0)
+        _check("start_weight", start_weight, 0.0, None)
+        _check("max_iter", max_iter, 1, None, integral=True)
+        _check("tol", tol, 0.0, None, lo_closed=False)
+        self.n_neighbors, self.alpha, self.start_weight = int(n_neighbors), float(alpha), float(start_weight)
+        self.max_iter, self.tol = int(max_iter), float(tol)
+
+    def _index(self):
+        from sklearn.neighbors import NearestNeighbors
+
+        if getattr(self, "_nn", None) is None:
+            self._nn = NearestNeighbors(n_neighbors=self.k_).fit(self.x_)
+        return self._nn
+
+    def fit(self, x, start, labels) -> "KNNSpreading":
+        from scipy import sparse
+
+        x = np.ascontiguousarray(x, dtype=np.float64)
+        start = np.asarray(start, dtype=np.float64)
+        labels = np.asarray(labels)
+        if x.ndim != 2 or start.ndim != 2 or labels.ndim != 1 or not (x.shape[0] == start.shape[0] == labels.shape[0]):
+            raise ValueError(f"x (n, d), start (n, K) and labels (n,) must agree in n; got {x.shape}, {start.shape}, "
+                             f"{labels.shape}")
+        n, k_classes = start.shape
+        if n < 2:
+            raise ValueError(f"x needs at least 2 rows for a neighbour graph, got {n}")
+        if labels.min(initial=0) < -1 or labels.max(initial=-1) >= k_classes:
+            raise ValueError(f"labels must be -1 (unlabeled) or a class code in [0, {k_classes}), got values in "
+                             f"[{labels.min()}, {labels.max()}]")
+        self.x_ = x
+        self.k_ = min(self.n_neighbors, n - 1)
+        self._nn = None
+        _, idx = self._index().kneighbors(x, n_neighbors=self.k_ + 1)
+        # drop each row itself (the first neighbour; for duplicated rows, whichever copy came first)
+        own = idx == np.arange(n)[:, None]
+        keep = np.where(own.any(1, keepdims=True), ~own, np.arange(self.k_ + 1)[None] < self.k_)
+        cols = idx[keep].reshape(n, self.k_)
+        w = sparse.csr_matrix((np.ones(n * self.k_), (np.repeat(np.arange(n), self.k_), cols.ravel())), shape=(n, n))
+        w = w.maximum(w.T)
+        deg = np.asarray(w.sum(1)).ravel()
+        d = sparse.diags(1.0 / np.sqrt(deg))
+        s = (d @ w @ d).tocsr()
+        lab = labels >= 0
+        y0 = self.start_weight * start
+        y0[lab] = 0.0
+        y0[lab, labels[lab]] = 1.0
+        f = y0.copy()
+        self.n_iter_ = 0
+        for self.n_iter_ in range(1, self.max_iter + 1):
+            f_new = self.alpha * (s @ f) + (1.0 - self.alpha) * y0
+            done = np.abs(f_new - f).max() <= self.tol * max(np.abs(f_new).max(), 1e-300)
+            f = f_new
+            if done:
+                break
+        total = f.sum(1, keepdims=True)
+        # a row that no labeled row and no start mass reaches (start_weight 0, a component of the graph without
+        # labels) falls back to its start distribution
+        self.distributions_ = np.where(total > 0, f / np.where(total > 0, total, 1.0), start)
+        return self
+
+    def predict_proba(self, x) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float64)
+        if x.ndim != 2 or x.shape[1] != self.x_.shape[1]:
+            raise ValueError(f"x must have shape (n, {self.x_.shape[1]}), got {x.shape}")
+        if x.shape[0] == 0:
+            return np.zeros((0, self.distributions_.shape[1]))
+        _, idx = self._index().kneighbors(x, n_neighbors=self.k_)
+        return self.distributions_[idx].mean(1)
+
+    def state(self) -> dict:
+        return {"x": self.x_, "distributions": self.distributions_}
+
+    @classmethod
+    def from_state(cls, state: dict, **params) -> "KNNSpreading":
+        obj = cls(**params)
+        obj.x_ = np.ascontiguousarray(state["x"], dtype=np.float64)
+        obj.distributions_ = np.asarray(state["distributions"], dtype=np.float64)
+        obj.k_ = min(obj.n_neighbors, obj.x_.shape[0] - 1)
+        obj._nn = None
+        return obj
