@@ -350,4 +350,4 @@ def test_invertible_render_of_several_files_lets_a_later_part_replace_the_earlie
     assert "1.50x" not in text and all(Path(f).name in text for f in files)
     merged, used = B.merge_results([common.load_results(f) for f in files])
     assert sorted(r["part"] for r in merged) == ["memory", "time"]  # the earlier file's other parts stay
-    assert used == [{"memory"}, {"time"}]
+    assert used == [{"memory mnist/kept"}, {"time"}]
