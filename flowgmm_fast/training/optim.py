@@ -108,30 +108,37 @@ class StepInBackward:
                                  f"only that parameter's gradient (one of "
                                  f"{', '.join(c.__name__ for c in PER_PARAMETER_OPTIMIZERS)})")
         self.optimizers = named
-        # parameter -> the (optimizer, group) pairs that step it, in the optimizers' order
-        self._owners: dict[int, tuple[torch.Tensor, list[tuple[torch.optim.Optimizer, dict]]]] = {}
-        for opt in named.values():
-            for group in opt.param_groups:
-                for p in group["params"]:
-                    self._owners.setdefault(id(p), (p, []))[1].append((opt, group))
+        self._owners: dict[int, tuple[torch.Tensor, list[tuple[torch.optim.Optimizer, int]]]] = {}
         self._handles: list = []
         self._stepped: set[int] = set()
 
+    def _map_owners(self) -> None:
+        """parameter -> the (optimizer, group index) pairs that step it, in the optimizers' order; read anew at every
+        ``with`` (``load_state_dict`` replaces the group dicts, ``add_param_group`` adds some)."""
+        self._owners = {}
+        for opt in self.optimizers.values():
+            for gi, group in enumerate(opt.param_groups):
+                for p in group["params"]:
+                    self._owners.setdefault(id(p), (p, []))[1].append((opt, gi))
+
     @property
     def params(self) -> list[torch.Tensor]:
+        """The optimizers' parameters (each once)."""
+        self._map_owners()
         return [p for p, _ in self._owners.values()]
 
     def __enter__(self) -> StepInBackward:
         if self._handles:
             raise RuntimeError("StepInBackward is already active (it does not nest)")
-        held = [i for i, p in enumerate(self.params) if p.grad is not None]
+        params = self.params  # maps the owners
+        held = [i for i, p in enumerate(params) if p.grad is not None]
         if held:
             raise ValueError(f"StepInBackward: {len(held)} parameter(s) already hold a gradient (the first: parameter "
                              f"{held[0]} of the optimizers); set them to None first (zero_grad(set_to_none=True)): "
                              f"gradients cannot be accumulated over several backward passes when every parameter is "
                              f"stepped inside the backward pass")
         self._stepped = set()
-        self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self.params if p.requires_grad]
+        self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in params if p.requires_grad]
         return self
 
     def __exit__(self, *exc) -> bool:
@@ -151,8 +158,10 @@ class StepInBackward:
                                "backward pass, or retain_graph=True and backward twice): it was already stepped with "
                                "the first; gradients cannot be accumulated when the step runs inside the backward pass")
         self._stepped.add(id(p))
-        for opt, group in self._owners[id(p)][1]:
-            groups, params = opt.param_groups, group["params"]
+        for opt, gi in self._owners[id(p)][1]:
+            groups = opt.param_groups
+            group = groups[gi]
+            params = group["params"]
             opt.param_groups, group["params"] = [group], [p]  # the real group dict: the scheduler's lr, its options
             try:
                 opt.step()
