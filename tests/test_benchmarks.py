@@ -351,3 +351,29 @@ def test_invertible_render_of_several_files_lets_a_later_part_replace_the_earlie
     merged, used = B.merge_results([common.load_results(f) for f in files])
     assert sorted(r["part"] for r in merged) == ["memory", "time"]  # the earlier file's other parts stay
     assert used == [{"memory mnist/kept"}, {"time"}]
+
+
+def test_invertible_a_later_file_adding_the_fused_policy_keeps_the_earlier_policies(tmp_path):
+    """Memory is replaced per (config, gradient policy): a file measuring only `fused` leaves the earlier file's
+    `none` figures in place, and each policy gets its own target row."""
+    from benchmarks import bench_invertible as B
+
+    def mem(n, mode, grads, mb):
+        return {"part": "memory", "config": "tabular", "axis": "couplings", "mode": mode, "grads": grads,
+                "param_mb": 1.0, "batch": 5000, "depth": n, "peak_mb": mb}
+
+    early = [mem(n, m, "none", mb) for n, m, mb in ((4, "standard", 100.0), (4, "invertible", 40.0),
+                                                   (32, "standard", 800.0), (32, "invertible", 54.0))]
+    late = [mem(n, m, "fused", mb) for n, m, mb in ((4, "standard", 99.0), (4, "invertible", 40.0),
+                                                   (32, "standard", 790.0), (32, "invertible", 41.0))]
+    records, used = B.merge_results([{"records": early}, {"records": late}])
+    assert len(records) == 8 and used == [{"memory tabular/none"}, {"memory tabular/fused"}]
+    rows = {r[0]: r[1:] for r in B.targets(records)}
+    none = rows["RealNVPTabular 4 -> 32 couplings (gradients none): invertible grows < 15%, standard grows"]
+    fused = next(v for k, v in rows.items() if "gradients fused" in k and "step_in_backward=True" in k)
+    assert none[1] == "no" and "(+35%)" in none[0]
+    assert fused[1] == "yes" and "invertible 40 -> 41 MB (+2%)" in fused[0]
+    # a re-measured `none` replaces the earlier one only
+    records, _ = B.merge_results([{"records": early + late}, {"records": [mem(4, "invertible", "none", 1.0)]}])
+    assert sorted(r["peak_mb"] for r in records if r["grads"] == "none") == [1.0]
+    assert len([r for r in records if r["grads"] == "fused"]) == 4
