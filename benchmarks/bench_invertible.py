@@ -21,6 +21,8 @@ Parts (``--parts``, default all of them):
           (:class:`flowgmm_fast.nn.DriftProbe`), per depth; at initialisation and after 100 Adam steps.
   budget  a fresh process per mode under an address-space limit (RLIMIT_AS = the process's size after setup +
           the budget): two training steps at a batch whose standard step needs more than the budget.
+  time-fused  the ``fused`` policy's cost: invertible-mode steps with the Trainer's default step and with Adam
+          stepped per parameter inside the backward pass, interleaved in one process; median of t_fused / t_none.
 
 Configs: ``mnist`` is the paper's MNIST RealNVP (2 scales, mid_channels 64, 8 blocks; 1x28x28; 10 classes) at
 batch 16/32/64; ``tabular`` is RealNVPTabular with the UCI settings of REFERENCE.md (hidden 256, 1 hidden layer,
@@ -271,6 +273,42 @@ def time_pairs(spec: dict, batch: int, device: torch.device, pairs: int, seed: i
             "median_invertible_s": statistics.median(times["invertible"])}
 
 
+def time_fused_pairs(spec: dict, batch: int, device: torch.device, pairs: int, mode: str = "invertible",
+                     seed: int = 0) -> dict:
+    """The fused gradient policy's cost: steps of two identically initialised models in ``mode``, one with the
+    Trainer's default step (backward, clip, Adam) and one with Adam stepped per parameter inside the backward pass
+    (``fused``), interleaved (order shuffled per pair) after one untimed step of each; median of t_fused / t_none."""
+    runners = {}
+    for grads in ("none", "fused"):
+        model, opt, params = _setup(spec, mode, device, False)
+        runners[grads] = (model, opt, params, StepInBackward(opt) if grads == "fused" else None)
+    x, labels = data(spec, batch, device)
+
+    def step(grads):
+        model, opt, params, in_backward = runners[grads]
+        common.sync(device)
+        t0 = time.perf_counter()
+        train_step(model, opt, params, x, labels, True, in_backward)
+        common.sync(device)
+        return time.perf_counter() - t0
+
+    for grads in runners:
+        step(grads)
+    rng = random.Random(seed)
+    times: dict = {g: [] for g in runners}
+    ratios = []
+    for _ in range(pairs):
+        order = list(runners)
+        rng.shuffle(order)
+        t = {g: step(g) for g in order}
+        for g in runners:
+            times[g].append(t[g])
+        ratios.append(t["fused"] / t["none"])
+    return {"mode": mode, "pairs": pairs, "ratios": ratios, "median_ratio": statistics.median(ratios),
+            "none_s": times["none"], "fused_s": times["fused"], "median_none_s": statistics.median(times["none"]),
+            "median_fused_s": statistics.median(times["fused"])}
+
+
 # -------------------------------------------------------------------------------------------------------- drift
 def _grads(model, x, labels, seed=3):
     model.zero_grad(set_to_none=True)
@@ -329,6 +367,7 @@ SUITES = {
         "drift": [("tabular", tabular(n), 1000, steps) for n in (4, 8, 16, 32, 64) for steps in (0, 100)]
                  + [("mnist", MNIST, 8, 0)],
         "budget": [("tabular", tabular(32), 5000, 200), ("mnist", MNIST, 64, 1024)],
+        "time-fused": [("tabular", tabular(32), 5000, 5)],
     },
     # the issue's three targets only, for a loaded shared 2-core machine (the whole "cpu" suite takes ~2 h there):
     # the MNIST model's activation memory ("kept") and a paired step time at batch 64, the tabular depth sweep, the
@@ -343,7 +382,7 @@ SUITES = {
     },
     # the tabular depth sweep under the "fused" gradient policy only (the Trainer's step_in_backward=True)
     "cpu-fused": {"memory": [("tabular", tabular(n), "couplings", [5000], ("fused",)) for n in (4, 8, 16, 32)],
-                  "time": [], "drift": [], "budget": []},
+                  "time": [], "drift": [], "budget": [], "time-fused": [("tabular", tabular(32), 5000, 5)]},
     "smoke": {
         "memory": [("mnist", {**MNIST, "mid": 4, "blocks": 1, "shape": [1, 8, 8]}, "batch", [4], ("kept",))]
                   + [("tabular", {**tabular(n), "dim": 6, "hidden": 8}, "couplings", [16], ("none", "fused"))
@@ -351,6 +390,7 @@ SUITES = {
         "time": [("tabular", {**tabular(2), "dim": 6, "hidden": 8}, 16, 2, None)],
         "drift": [("tabular", {**tabular(n), "dim": 6, "hidden": 8}, 16, s) for n in (2, 4) for s in (0, 2)],
         "budget": [("tabular", {**tabular(4), "dim": 6, "hidden": 8}, 16, 512)],
+        "time-fused": [("tabular", {**tabular(2), "dim": 6, "hidden": 8}, 16, 2)],
     },
 }
 
@@ -384,6 +424,14 @@ def run(suite: dict, parts: list[str], device: torch.device, log=print, save=Non
             save(records)
             log(f"time {name} depth={rec['depth']} batch={batch}: median paired ratio {rec['median_ratio']:.3f} "
                 f"(standard {rec['median_standard_s']:.2f} s, invertible {rec['median_invertible_s']:.2f} s)")
+    if "time-fused" in parts:
+        for name, spec, batch, pairs in suite.get("time-fused", []):
+            rec = {"part": "time-fused", "config": name, "spec": spec, "batch": batch,
+                   "depth": spec.get("couplings", 10), **time_fused_pairs(spec, batch, device, pairs)}
+            records.append(rec)
+            save(records)
+            log(f"time-fused {name} depth={rec['depth']} batch={batch} {rec['mode']}: median paired ratio fused/none "
+                f"{rec['median_ratio']:.3f} (none {rec['median_none_s']:.2f} s, fused {rec['median_fused_s']:.2f} s)")
     if "drift" in parts:
         for name, spec, batch, steps in suite["drift"]:
             rec = {"part": "drift", "config": name, "spec": spec, "batch": batch,
@@ -453,6 +501,13 @@ def summary(records: list[dict]) -> str:
          ["config", "depth", "batch", "pairs", "standard s", "invertible s", "ratio (median)", "ratios"],
          lambda r: [r["config"], r["depth"], r["batch"], r["pairs"], f"{r['median_standard_s']:.2f}",
                     f"{r['median_invertible_s']:.2f}", f"{r['median_ratio']:.3f}",
+                    ", ".join(f"{x:.2f}" for x in r["ratios"])]),
+        ("time-fused", "Step time of the fused gradient policy (Adam stepped per parameter inside the backward pass) "
+                       "against the Trainer's default step (backward, clip, Adam), interleaved in one process; median "
+                       "of the per-pair ratios t_fused / t_none:",
+         ["config", "depth", "batch", "mode", "pairs", "none s", "fused s", "ratio (median)", "ratios"],
+         lambda r: [r["config"], r["depth"], r["batch"], r["mode"], r["pairs"], f"{r['median_none_s']:.2f}",
+                    f"{r['median_fused_s']:.2f}", f"{r['median_ratio']:.3f}",
                     ", ".join(f"{x:.2f}" for x in r["ratios"])]),
         ("drift", "Float32 drift: gradient error in norm against float64 standard autograd (||g - g64|| / ||g64||), "
                   "and the largest relative error of a rebuilt input:",
@@ -677,7 +732,7 @@ def main(argv: list[str] | None = None) -> dict:
         return result
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--suite", default="cpu", choices=tuple(SUITES))
-    p.add_argument("--parts", default="memory,time,drift,budget")
+    p.add_argument("--parts", default="memory,time,drift,budget,time-fused")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU: torch threads (default 1: on a shared machine, multithreaded timings are dominated by "
@@ -702,7 +757,7 @@ def main(argv: list[str] | None = None) -> dict:
               + (f"; {readme} block updated" if result["readme_updated"] else ""))
         return result
     parts = [s.strip() for s in args.parts.split(",") if s.strip()]
-    bad = [s for s in parts if s not in ("memory", "time", "drift", "budget")]
+    bad = [s for s in parts if s not in ("memory", "time", "drift", "budget", "time-fused")]
     if bad:
         raise SystemExit(f"--parts: unknown {bad}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

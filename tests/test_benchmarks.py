@@ -236,7 +236,7 @@ def test_invertible_benchmark_smoke(tmp_path):
 
     suite = dict(B.SUITES["smoke"])
     suite["memory"] = suite["memory"][:1]
-    records = B.run(suite, ["time", "drift", "memory", "budget"], CPU, log=lambda s: None)
+    records = B.run(suite, ["time", "drift", "memory", "budget", "time-fused"], CPU, log=lambda s: None)
     parts = [r["part"] for r in records]
     assert parts.count("memory") == 2 and parts.count("budget") == 2 and "time" in parts and "drift" in parts
     for r in records:
@@ -247,6 +247,8 @@ def test_invertible_benchmark_smoke(tmp_path):
     assert all(r["fits"] for r in records if r["part"] == "budget")  # 512 MB is plenty for the tiny model
     t = next(r for r in records if r["part"] == "time")
     assert len(t["ratios"]) == t["pairs"] and t["median_ratio"] > 0
+    f = next(r for r in records if r["part"] == "time-fused")
+    assert len(f["ratios"]) == f["pairs"] == 2 and f["median_fused_s"] > 0 and f["mode"] == "invertible"
     for r in (r for r in records if r["part"] == "drift"):
         assert 0 <= r["grad_rel_invertible_none"] < 1e-3 and 0 <= r["rebuilt_rel_max_none"] < 1e-3
     text = B.summary(records)
