@@ -233,6 +233,22 @@ def _in_fresh_process(kind: str, job: dict, timeout_s: float) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------- timing
+def _interleaved(step, names: tuple[str, str], pairs: int, seed: int) -> tuple[dict, list[float]]:
+    """``pairs`` rounds of ``step(name)`` (the seconds of one step) for both names, the order shuffled per round;
+    returns the times per name and the per-pair ratios t[names[1]] / t[names[0]]."""
+    rng = random.Random(seed)
+    times: dict = {n: [] for n in names}
+    ratios = []
+    for _ in range(pairs):
+        order = list(names)
+        rng.shuffle(order)
+        t = {n: step(n) for n in order}
+        for n in names:
+            times[n].append(t[n])
+        ratios.append(t[names[1]] / t[names[0]])
+    return times, ratios
+
+
 def time_pairs(spec: dict, batch: int, device: torch.device, pairs: int, seed: int = 0,
                warmup_batch: int | None = None) -> dict:
     """Median of per-pair ratios t_invertible / t_standard, steps interleaved (order shuffled per pair); one untimed
@@ -257,16 +273,7 @@ def time_pairs(spec: dict, batch: int, device: torch.device, pairs: int, seed: i
     if warmup_batch is None:
         for mode in MODES:  # warm-up: kernels, thread pools, allocator
             step(mode)
-    rng = random.Random(seed)
-    times = {m: [] for m in MODES}
-    ratios = []
-    for _ in range(pairs):
-        order = list(MODES)
-        rng.shuffle(order)
-        t = {m: step(m) for m in order}
-        for m in MODES:
-            times[m].append(t[m])
-        ratios.append(t["invertible"] / t["standard"])
+    times, ratios = _interleaved(step, MODES, pairs, seed)
     return {"pairs": pairs, "ratios": ratios, "median_ratio": statistics.median(ratios),
             "standard_s": times["standard"], "invertible_s": times["invertible"],
             "median_standard_s": statistics.median(times["standard"]),
@@ -294,16 +301,7 @@ def time_fused_pairs(spec: dict, batch: int, device: torch.device, pairs: int, m
 
     for grads in runners:
         step(grads)
-    rng = random.Random(seed)
-    times: dict = {g: [] for g in runners}
-    ratios = []
-    for _ in range(pairs):
-        order = list(runners)
-        rng.shuffle(order)
-        t = {g: step(g) for g in order}
-        for g in runners:
-            times[g].append(t[g])
-        ratios.append(t["fused"] / t["none"])
+    times, ratios = _interleaved(step, ("none", "fused"), pairs, seed)
     return {"mode": mode, "pairs": pairs, "ratios": ratios, "median_ratio": statistics.median(ratios),
             "none_s": times["none"], "fused_s": times["fused"], "median_none_s": statistics.median(times["none"]),
             "median_fused_s": statistics.median(times["fused"])}
