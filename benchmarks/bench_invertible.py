@@ -674,6 +674,13 @@ def readme_block(records: list[dict], meta: dict, results: Path, png: Path | Non
              f"case ({POLICY_TEXT}); step times: standard and invertible steps interleaved in one process, median of "
              "the per-pair ratios.", "",
              _md_table(["target", "measured", "met"], targets(records)), ""]
+    fused_times = [r for r in records if r["part"] == "time-fused"]
+    if fused_times:
+        lines += ["Step time of the `fused` policy against the Trainer's default step (backward, clip, Adam), "
+                  "interleaved pairs, median of t_fused / t_none: " + "; ".join(
+                      f"{r['config']} {r['depth']} couplings, batch {r['batch']}, {r['mode']}: "
+                      f"{r['median_ratio']:.2f}x ({r['pairs']} pairs: {', '.join(f'{x:.2f}' for x in r['ratios'])}; "
+                      f"{r['median_none_s']:.2f} s vs {r['median_fused_s']:.2f} s)" for r in fused_times) + ".", ""]
     drift = sorted((r for r in records if r["part"] == "drift"), key=lambda r: (r["config"], r["train_steps"],
                                                                                r["depth"]))
     def drift_text(r):
