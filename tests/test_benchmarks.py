@@ -379,3 +379,10 @@ def test_invertible_a_later_file_adding_the_fused_policy_keeps_the_earlier_polic
     records, _ = B.merge_results([{"records": early + late}, {"records": [mem(4, "invertible", "none", 1.0)]}])
     assert sorted(r["peak_mb"] for r in records if r["grads"] == "none") == [1.0]
     assert len([r for r in records if r["grads"] == "fused"]) == 4
+    time_fused = {"part": "time-fused", "config": "tabular", "batch": 5000, "depth": 32, "mode": "invertible",
+                  "pairs": 2, "ratios": [1.1, 1.3], "median_ratio": 1.2, "median_none_s": 2.0, "median_fused_s": 2.4}
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{B.README_START}\n{B.README_END}\n")
+    meta = {"device": "Fake CPU", "torch": "x", "git_commit": "0123456789", "date_utc": "now", "device_tag": "cpu-1t"}
+    B.write_outputs(records + [time_fused], meta, tmp_path / "res" / "invertible_x.json", readme)
+    assert "invertible: 1.20x (2 pairs: 1.10, 1.30; 2.00 s vs 2.40 s)" in readme.read_text()
