@@ -8,10 +8,12 @@ Parts (``--parts``, default all of them):
           (forward, prior NLL, backward, grad-norm clip, Adam). CPU: the peak
           resident size during the step above the resident size just before it (Linux VmHWM, reset through
           /proc/self/clear_refs; glibc's mmap threshold pinned at 64 KiB so freed tensors leave the process at
-          once). CUDA: torch.cuda.max_memory_allocated above memory_allocated before the step. Two gradient
-          policies: ``none`` (zero_grad(set_to_none=True), the Trainer's: the gradients are allocated inside the
-          step and counted) and ``kept`` (gradient buffers allocated before the step, zeroed in place: the step's
-          figure is then activations and workspace only -- what the mode changes).
+          once). CUDA: torch.cuda.max_memory_allocated above memory_allocated before the step. Three gradient
+          policies: ``none`` (zero_grad(set_to_none=True), the Trainer's default: the gradients are allocated inside
+          the step and counted), ``kept`` (gradient buffers allocated before the step, zeroed in place: the step's
+          figure is then activations and workspace only -- what the mode changes) and ``fused`` (the Trainer's
+          ``step_in_backward=True``, :class:`flowgmm_fast.training.StepInBackward`: each parameter stepped by Adam
+          inside the backward pass and its gradient freed at once; no clipping, which that policy cannot do).
   time    standard and invertible steps of two identically initialised models, interleaved in one process (order
           shuffled per pair); the figure is the median of the per-pair ratios t_inv / t_std.
   drift   float32 training-mode gradients of standard autograd and of invertible mode (no checkpoint, and
@@ -19,11 +21,14 @@ Parts (``--parts``, default all of them):
           (:class:`flowgmm_fast.nn.DriftProbe`), per depth; at initialisation and after 100 Adam steps.
   budget  a fresh process per mode under an address-space limit (RLIMIT_AS = the process's size after setup +
           the budget): two training steps at a batch whose standard step needs more than the budget.
+  time-fused  the ``fused`` policy's cost: invertible-mode steps with the Trainer's default step and with Adam
+          stepped per parameter inside the backward pass, interleaved in one process; median of t_fused / t_none.
 
 Configs: ``mnist`` is the paper's MNIST RealNVP (2 scales, mid_channels 64, 8 blocks; 1x28x28; 10 classes) at
 batch 16/32/64; ``tabular`` is RealNVPTabular with the UCI settings of REFERENCE.md (hidden 256, 1 hidden layer,
 dropout 0.5) on 64 features, batch 5000 (the paper's tabular batch), with 4, 8, 16 and 32 couplings.
 ``--suite cpu-targets`` measures the issue's targets only (a subset of ``cpu``, for a loaded shared CPU);
+``--suite cpu-fused`` only the tabular depth sweep under the ``fused`` gradient policy;
 ``--suite smoke`` runs tiny versions of everything in seconds (tests/test_benchmarks.py).
 
 Writes ``benchmarks/results/invertible/invertible_<device>_<date>_<commit>.json``, ``invertible_<device>.png`` and
@@ -53,12 +58,19 @@ import torch
 import flowgmm_fast
 from flowgmm_fast import FlowGMM
 from flowgmm_fast.nn import DriftProbe, GaussianMixture, RealNVP, RealNVPTabular
+from flowgmm_fast.training import StepInBackward
 
 from . import common
 from .report import _md_table
 
 RESULTS_DIR = common.RESULTS_DIR / "invertible"
 MODES = ("standard", "invertible")
+GRAD_POLICIES = ("kept", "none", "fused")
+POLICY_NOTES = {"fused": ": each freed inside the backward, Trainer(step_in_backward=True)"}
+POLICY_TEXT = ("gradient policies: `kept` = gradient buffers allocated before the step (the figure is activations and "
+               "workspace), `none` = allocated inside the step (the Trainer's default zero_grad(set_to_none=True)), "
+               "`fused` = each parameter stepped and its gradient freed inside the backward pass (the Trainer's "
+               "step_in_backward=True, no clipping)")
 
 
 # --------------------------------------------------------------------------------------------------------- models
@@ -87,9 +99,16 @@ def data(spec: dict, batch: int, device: torch.device, seed: int = 1):
     return x.to(device), labels.to(device)
 
 
-def train_step(model, opt, params, x, labels, set_to_none: bool = True) -> torch.Tensor:
-    opt.zero_grad(set_to_none=set_to_none)
+def train_step(model, opt, params, x, labels, set_to_none: bool = True,
+               in_backward: StepInBackward | None = None) -> torch.Tensor:
+    """One training step: forward, prior NLL, backward, clip, Adam; with ``in_backward`` (the ``fused`` policy) Adam
+    steps each parameter inside the backward pass, as the Trainer's ``step_in_backward=True`` does (no clipping)."""
+    opt.zero_grad(set_to_none=set_to_none or in_backward is not None)
     loss = model(x, labels).nll.mean()
+    if in_backward is not None:
+        with in_backward:
+            loss.backward()
+        return loss.detach()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 100.0)
     opt.step()
@@ -150,16 +169,17 @@ def memory_worker(job: dict) -> dict:
     device = torch.device(job["device"])
     torch.set_num_threads(job["threads"])
     model, opt, params = _setup(job["spec"], job["mode"], device, job["grads"] == "kept")
-    _warm_up(model, params, job["spec"], device, job["grads"] == "none")
+    _warm_up(model, params, job["spec"], device, job["grads"] != "kept")
     x, labels = data(job["spec"], job["batch"], device)
     param_mb = sum(p.numel() * p.element_size() for p in params) / 2**20
+    in_backward = StepInBackward(opt) if job["grads"] == "fused" else None
     torch.manual_seed(2)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         t0 = time.perf_counter()
-        loss = train_step(model, opt, params, x, labels, job["grads"] == "none")
+        loss = train_step(model, opt, params, x, labels, job["grads"] != "kept", in_backward)
         torch.cuda.synchronize(device)
         wall = time.perf_counter() - t0
         peak_mb = (torch.cuda.max_memory_allocated(device) - base) / 2**20
@@ -169,7 +189,7 @@ def memory_worker(job: dict) -> dict:
         base_kb = _status_kb("VmRSS")
         _reset_peak_rss()
         t0 = time.perf_counter()
-        loss = train_step(model, opt, params, x, labels, job["grads"] == "none")
+        loss = train_step(model, opt, params, x, labels, job["grads"] != "kept", in_backward)
         wall = time.perf_counter() - t0
         peak_mb = (_status_kb("VmHWM") - base_kb) / 1024
         how = "peak RSS (VmHWM after clear_refs) above RSS before the step"
@@ -213,6 +233,22 @@ def _in_fresh_process(kind: str, job: dict, timeout_s: float) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------- timing
+def _interleaved(step, names: tuple[str, str], pairs: int, seed: int) -> tuple[dict, list[float]]:
+    """``pairs`` rounds of ``step(name)`` (the seconds of one step) for both names, the order shuffled per round;
+    returns the times per name and the per-pair ratios t[names[1]] / t[names[0]]."""
+    rng = random.Random(seed)
+    times: dict = {n: [] for n in names}
+    ratios = []
+    for _ in range(pairs):
+        order = list(names)
+        rng.shuffle(order)
+        t = {n: step(n) for n in order}
+        for n in names:
+            times[n].append(t[n])
+        ratios.append(t[names[1]] / t[names[0]])
+    return times, ratios
+
+
 def time_pairs(spec: dict, batch: int, device: torch.device, pairs: int, seed: int = 0,
                warmup_batch: int | None = None) -> dict:
     """Median of per-pair ratios t_invertible / t_standard, steps interleaved (order shuffled per pair); one untimed
@@ -237,20 +273,38 @@ def time_pairs(spec: dict, batch: int, device: torch.device, pairs: int, seed: i
     if warmup_batch is None:
         for mode in MODES:  # warm-up: kernels, thread pools, allocator
             step(mode)
-    rng = random.Random(seed)
-    times = {m: [] for m in MODES}
-    ratios = []
-    for _ in range(pairs):
-        order = list(MODES)
-        rng.shuffle(order)
-        t = {m: step(m) for m in order}
-        for m in MODES:
-            times[m].append(t[m])
-        ratios.append(t["invertible"] / t["standard"])
+    times, ratios = _interleaved(step, MODES, pairs, seed)
     return {"pairs": pairs, "ratios": ratios, "median_ratio": statistics.median(ratios),
             "standard_s": times["standard"], "invertible_s": times["invertible"],
             "median_standard_s": statistics.median(times["standard"]),
             "median_invertible_s": statistics.median(times["invertible"])}
+
+
+def time_fused_pairs(spec: dict, batch: int, device: torch.device, pairs: int, mode: str = "invertible",
+                     seed: int = 0) -> dict:
+    """The fused gradient policy's cost: steps of two identically initialised models in ``mode``, one with the
+    Trainer's default step (backward, clip, Adam) and one with Adam stepped per parameter inside the backward pass
+    (``fused``), interleaved (order shuffled per pair) after one untimed step of each; median of t_fused / t_none."""
+    runners = {}
+    for grads in ("none", "fused"):
+        model, opt, params = _setup(spec, mode, device, False)
+        runners[grads] = (model, opt, params, StepInBackward(opt) if grads == "fused" else None)
+    x, labels = data(spec, batch, device)
+
+    def step(grads):
+        model, opt, params, in_backward = runners[grads]
+        common.sync(device)
+        t0 = time.perf_counter()
+        train_step(model, opt, params, x, labels, True, in_backward)
+        common.sync(device)
+        return time.perf_counter() - t0
+
+    for grads in runners:
+        step(grads)
+    times, ratios = _interleaved(step, ("none", "fused"), pairs, seed)
+    return {"mode": mode, "pairs": pairs, "ratios": ratios, "median_ratio": statistics.median(ratios),
+            "none_s": times["none"], "fused_s": times["fused"], "median_none_s": statistics.median(times["none"]),
+            "median_fused_s": statistics.median(times["fused"])}
 
 
 # -------------------------------------------------------------------------------------------------------- drift
@@ -305,31 +359,36 @@ SUITES = {
     # (name, spec, batch, trained steps) / (name, spec, batch, budget MB)
     "cpu": {
         "memory": [("mnist", MNIST, "batch", [16], ("kept",)), ("mnist", MNIST, "batch", [64], ("kept", "none"))]
-                  + [("tabular", tabular(n), "couplings", [5000], ("kept", "none")) for n in (4, 8, 16, 32)],
+                  + [("tabular", tabular(n), "couplings", [5000], GRAD_POLICIES) for n in (4, 8, 16, 32)],
         "time": [("tabular", tabular(n), 5000, 5, None) for n in (4, 32)]
                 + [("mnist-small", MNIST_SMALL, 32, 8, None), ("mnist", MNIST, 64, 3, 2)],
         "drift": [("tabular", tabular(n), 1000, steps) for n in (4, 8, 16, 32, 64) for steps in (0, 100)]
                  + [("mnist", MNIST, 8, 0)],
         "budget": [("tabular", tabular(32), 5000, 200), ("mnist", MNIST, 64, 1024)],
+        "time-fused": [("tabular", tabular(32), 5000, 5)],
     },
     # the issue's three targets only, for a loaded shared 2-core machine (the whole "cpu" suite takes ~2 h there):
     # the MNIST model's activation memory ("kept") and a paired step time at batch 64, the tabular depth sweep, the
     # untrained tabular drift per depth, and the tabular memory budget
     "cpu-targets": {
         "memory": [("mnist", MNIST, "batch", [64], ("kept",))]
-                  + [("tabular", tabular(n), "couplings", [5000], ("kept", "none") if n in (4, 32) else ("kept",))
+                  + [("tabular", tabular(n), "couplings", [5000], GRAD_POLICIES if n in (4, 32) else ("kept",))
                      for n in (4, 8, 16, 32)],
         "time": [("tabular", tabular(32), 5000, 3, None), ("mnist", MNIST, 64, 1, 2)],
         "drift": [("tabular", tabular(n), 1000, 0) for n in (4, 8, 16, 32, 64)],
         "budget": [("tabular", tabular(32), 5000, 200)],
     },
+    # the tabular depth sweep under the "fused" gradient policy only (the Trainer's step_in_backward=True)
+    "cpu-fused": {"memory": [("tabular", tabular(n), "couplings", [5000], ("fused",)) for n in (4, 8, 16, 32)],
+                  "time": [], "drift": [], "budget": [], "time-fused": [("tabular", tabular(32), 5000, 5)]},
     "smoke": {
         "memory": [("mnist", {**MNIST, "mid": 4, "blocks": 1, "shape": [1, 8, 8]}, "batch", [4], ("kept",))]
-                  + [("tabular", {**tabular(n), "dim": 6, "hidden": 8}, "couplings", [16], ("none",))
+                  + [("tabular", {**tabular(n), "dim": 6, "hidden": 8}, "couplings", [16], ("none", "fused"))
                      for n in (2, 4)],
         "time": [("tabular", {**tabular(2), "dim": 6, "hidden": 8}, 16, 2, None)],
         "drift": [("tabular", {**tabular(n), "dim": 6, "hidden": 8}, 16, s) for n in (2, 4) for s in (0, 2)],
         "budget": [("tabular", {**tabular(4), "dim": 6, "hidden": 8}, 16, 512)],
+        "time-fused": [("tabular", {**tabular(2), "dim": 6, "hidden": 8}, 16, 2)],
     },
 }
 
@@ -363,6 +422,14 @@ def run(suite: dict, parts: list[str], device: torch.device, log=print, save=Non
             save(records)
             log(f"time {name} depth={rec['depth']} batch={batch}: median paired ratio {rec['median_ratio']:.3f} "
                 f"(standard {rec['median_standard_s']:.2f} s, invertible {rec['median_invertible_s']:.2f} s)")
+    if "time-fused" in parts:
+        for name, spec, batch, pairs in suite.get("time-fused", []):
+            rec = {"part": "time-fused", "config": name, "spec": spec, "batch": batch,
+                   "depth": spec.get("couplings", 10), **time_fused_pairs(spec, batch, device, pairs)}
+            records.append(rec)
+            save(records)
+            log(f"time-fused {name} depth={rec['depth']} batch={batch} {rec['mode']}: median paired ratio fused/none "
+                f"{rec['median_ratio']:.3f} (none {rec['median_none_s']:.2f} s, fused {rec['median_fused_s']:.2f} s)")
     if "drift" in parts:
         for name, spec, batch, steps in suite["drift"]:
             rec = {"part": "drift", "config": name, "spec": spec, "batch": batch,
@@ -405,19 +472,20 @@ def summary(records: list[dict]) -> str:
         rows = []
         for (config, axis, size), v in cases.items():
             row = [config, f"{'couplings' if axis == 'couplings' else 'batch'} {size}", f"{v['param']:.1f}"]
-            for grads in ("kept", "none"):
+            for grads in GRAD_POLICIES:
                 std, inv = v.get((grads, "standard")), v.get((grads, "invertible"))
                 row += [f"{std:.0f}" if std is not None else "-", f"{inv:.0f}" if inv is not None else "-",
                         f"{std / inv:.1f}x" if std and inv else "-"]
             rows.append(row)
         out.append("Peak training-step memory above the memory before the step (MB); gradients `kept`: buffers "
                    "allocated before the step (activations and workspace only), `none`: allocated in the step (the "
-                   "Trainer's zero_grad(set_to_none=True)); params MB = the size of the gradients:\n\n" + _md_table(
-                       ["config", "size", "params MB", "kept: standard", "kept: invertible", "ratio",
-                        "none: standard", "none: invertible", "ratio"], rows))
+                   "Trainer's zero_grad(set_to_none=True)), `fused`: each stepped and freed inside the backward pass "
+                   "(the Trainer's step_in_backward=True; no clipping); params MB = the size of the gradients:\n\n"
+                   + _md_table(["config", "size", "params MB"] + [f"{g}: {c}" for g in GRAD_POLICIES
+                                                                  for c in (*MODES, "ratio")], rows))
         growth = []
         for config in dict.fromkeys(r["config"] for r in mem if r["axis"] == "couplings"):
-            for grads in ("kept", "none"):
+            for grads in GRAD_POLICIES:
                 for mode in MODES:
                     m = _mem(records, config, mode, grads)
                     if len(m) >= 2:
@@ -431,6 +499,13 @@ def summary(records: list[dict]) -> str:
          ["config", "depth", "batch", "pairs", "standard s", "invertible s", "ratio (median)", "ratios"],
          lambda r: [r["config"], r["depth"], r["batch"], r["pairs"], f"{r['median_standard_s']:.2f}",
                     f"{r['median_invertible_s']:.2f}", f"{r['median_ratio']:.3f}",
+                    ", ".join(f"{x:.2f}" for x in r["ratios"])]),
+        ("time-fused", "Step time of the fused gradient policy (Adam stepped per parameter inside the backward pass) "
+                       "against the Trainer's default step (backward, clip, Adam), interleaved in one process; median "
+                       "of the per-pair ratios t_fused / t_none:",
+         ["config", "depth", "batch", "mode", "pairs", "none s", "fused s", "ratio (median)", "ratios"],
+         lambda r: [r["config"], r["depth"], r["batch"], r["mode"], r["pairs"], f"{r['median_none_s']:.2f}",
+                    f"{r['median_fused_s']:.2f}", f"{r['median_ratio']:.3f}",
                     ", ".join(f"{x:.2f}" for x in r["ratios"])]),
         ("drift", "Float32 drift: gradient error in norm against float64 standard autograd (||g - g64|| / ||g64||), "
                   "and the largest relative error of a rebuilt input:",
@@ -463,7 +538,7 @@ def plot(records: list[dict], meta: dict, path: Path) -> Path | None:
     styles = {"standard": ("tab:red", "o"), "invertible": ("tab:blue", "s")}
     for config, axis_name, ax in (("tabular", "couplings", axes[0]), ("mnist", "batch", axes[1])):
         for mode in MODES:
-            for grads, ls in (("kept", "-"), ("none", ":")):
+            for grads, ls in (("kept", "-"), ("none", ":"), ("fused", "--")):
                 m = _mem(records, config, mode, grads)
                 if m:
                     color, marker = styles[mode]
@@ -521,9 +596,10 @@ def targets(records: list[dict]) -> list[list]:
     name = "... and step time <= 1.4x standard"
     rows.append([name, f"{t['median_ratio']:.2f}x ({t['pairs']} pair{'s' * (t['pairs'] != 1)})",
                  "yes" if t["median_ratio"] <= 1.4 else "no"] if t else [name, "-", "not measured"])
-    for grads in ("kept", "none"):
+    for grads in GRAD_POLICIES:
         m_std, m_inv = (_mem(records, "tabular", mode, grads) for mode in MODES)
-        name = f"RealNVPTabular 4 -> 32 couplings (gradients {grads}): invertible grows < 15%, standard grows"
+        name = (f"RealNVPTabular 4 -> 32 couplings (gradients {grads}{POLICY_NOTES.get(grads, '')}): invertible grows "
+                f"< 15%, standard grows")
         if all(k in m for m in (m_std, m_inv) for k in (4, 32)):
             g_inv, g_std = (100 * (m[32] / m[4] - 1) for m in (m_inv, m_std))
             rows.append([name, f"invertible {m_inv[4]:.0f} -> {m_inv[32]:.0f} MB ({g_inv:+.0f}%), standard "
@@ -548,15 +624,23 @@ def targets(records: list[dict]) -> list[list]:
     return rows
 
 
+def _unit(record: dict) -> str:
+    """What a later results file replaces: a whole part ("time", "drift", "budget"), or for memory one config under
+    one gradient policy ("memory tabular/fused"), so a file that adds a policy keeps the earlier policies."""
+    if record["part"] == "memory":
+        return f"memory {record['config']}/{record['grads']}"
+    return record["part"]
+
+
 def merge_results(datas: list[dict]) -> tuple[list[dict], list[set[str]]]:
-    """The records of several results files, and the parts each file still contributes: a part ("memory", "time",
-    ...) measured in a later file replaces that part of the earlier files (a re-measured part on a quieter machine
-    supersedes the old one)."""
+    """The records of several results files, and the parts each file still contributes: a part ("time", "drift",
+    "budget"; for memory, one config under one gradient policy, :func:`_unit`) measured in a later file replaces that
+    part of the earlier files (a re-measured part on a quieter machine supersedes the old one)."""
     records: list[dict] = []
     used: list[set[str]] = []
     for data in datas:
-        parts = {r["part"] for r in data["records"]}
-        records = [r for r in records if r["part"] not in parts] + list(data["records"])
+        parts = {_unit(r) for r in data["records"]}
+        records = [r for r in records if _unit(r) not in parts] + list(data["records"])
         used = [u - parts for u in used] + [parts]
     return records, used
 
@@ -587,9 +671,16 @@ def readme_block(records: list[dict], meta: dict, results: Path, png: Path | Non
              f"Generated by `python -m benchmarks.bench_invertible --render {' '.join(rel(p) for p in paths)}` "
              f"{origin}. "
              "CPU memory: peak resident size of one training step above the size before it, in a fresh process per "
-             "case; step times: standard and invertible steps interleaved in one process, median of the per-pair "
-             "ratios.", "",
+             f"case ({POLICY_TEXT}); step times: standard and invertible steps interleaved in one process, median of "
+             "the per-pair ratios.", "",
              _md_table(["target", "measured", "met"], targets(records)), ""]
+    fused_times = [r for r in records if r["part"] == "time-fused"]
+    if fused_times:
+        lines += ["Step time of the `fused` policy against the Trainer's default step (backward, clip, Adam), "
+                  "interleaved pairs, median of t_fused / t_none: " + "; ".join(
+                      f"{r['config']} {r['depth']} couplings, batch {r['batch']}, {r['mode']}: "
+                      f"{r['median_ratio']:.2f}x ({r['pairs']} pairs: {', '.join(f'{x:.2f}' for x in r['ratios'])}; "
+                      f"{r['median_none_s']:.2f} s vs {r['median_fused_s']:.2f} s)" for r in fused_times) + ".", ""]
     drift = sorted((r for r in records if r["part"] == "drift"), key=lambda r: (r["config"], r["train_steps"],
                                                                                r["depth"]))
     def drift_text(r):
@@ -646,7 +737,7 @@ def main(argv: list[str] | None = None) -> dict:
         return result
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--suite", default="cpu", choices=tuple(SUITES))
-    p.add_argument("--parts", default="memory,time,drift,budget")
+    p.add_argument("--parts", default="memory,time,drift,budget,time-fused")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU: torch threads (default 1: on a shared machine, multithreaded timings are dominated by "
@@ -671,7 +762,7 @@ def main(argv: list[str] | None = None) -> dict:
               + (f"; {readme} block updated" if result["readme_updated"] else ""))
         return result
     parts = [s.strip() for s in args.parts.split(",") if s.strip()]
-    bad = [s for s in parts if s not in ("memory", "time", "drift", "budget")]
+    bad = [s for s in parts if s not in ("memory", "time", "drift", "budget", "time-fused")]
     if bad:
         raise SystemExit(f"--parts: unknown {bad}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

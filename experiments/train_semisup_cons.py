@@ -42,7 +42,7 @@ import flowgmm_fast
 from flowgmm_fast.data import (ImageData, SemiSupervisedLoader, canonical_dataset_name, dequantize, eval_batches,
                                load_image_dataset, load_label_split)
 from flowgmm_fast.semisup import init_means_from_labeled, init_std_from_labeled
-from flowgmm_fast.training import (Trainer, TrainLogger, cleanup_distributed, flowgmm_cons_loss,
+from flowgmm_fast.training import (Trainer, TrainLogger, cleanup_distributed, explicit_dests, flowgmm_cons_loss,
                                    init_distributed, is_main_process, linear_rampup, make_lr_scheduler,
                                    read_checkpoint, reconcile_resume_args, seed_everything, set_learning_rate,
                                    unwrap_model, weight_decay_param_groups, wrap_model)
@@ -56,7 +56,7 @@ RESUME_MUTABLE = ("lr", "lr_gmm", "max_grad_norm", "label_weight", "consistency_
 # ... and where and how it runs (always from the command line); every other flag defines the saved state
 RESUME_ENVIRONMENT = ("data_path", "label_path", "logdir", "ckptdir", "resume", "backend", "device", "compile",
                       "num_workers", "distributed", "log_freq", "eval_batch_size", "invertible_backprop",
-                      "invertible_checkpoint_every", "threads")
+                      "invertible_checkpoint_every", "threads", "step_in_backward")
 
 # Named defaults (--preset); flags given on the command line override them. Measured in experiments/RESULTS.md.
 PRESETS = {
@@ -122,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--invertible_checkpoint_every", default=None, type=int,
                    help="with --invertible_backprop: also keep every N-th coupling's exact input (bounds the drift "
                         "of the rebuilt inputs)")
+    p.add_argument("--step_in_backward", action="store_true",
+                   help="Adam steps each parameter inside the backward pass and frees its gradient (the same updates; "
+                        "a step holds one gradient at a time). No gradient clipping (--max_grad_norm cannot be given "
+                        "with it); not with --distributed")
     p.add_argument("--schedule", default="constant", choices=["constant", "cosine"], help="per-step lr schedule")
     p.add_argument("--no_augment", action="store_true",
                    help="no random crop/flip (x1, x2 then differ only in their dequantisation noise)")
@@ -166,6 +170,14 @@ def parse_args(argv=None):
         p.error(f"--max_steps must be >= 1, got {args.max_steps}")
     if args.invertible_checkpoint_every is not None and args.invertible_checkpoint_every < 1:
         p.error(f"--invertible_checkpoint_every must be >= 1, got {args.invertible_checkpoint_every}")
+    if args.step_in_backward:  # nothing left to clip once every parameter is stepped inside the backward pass
+        if "max_grad_norm" in explicit_dests(p, argv):
+            p.error("--step_in_backward steps each parameter before the global gradient norm is known: it cannot "
+                    "clip it, drop --max_grad_norm")
+        if args.distributed:
+            p.error("--step_in_backward does not work with --distributed (DDP averages the gradients after they are "
+                    "accumulated)")
+        args.max_grad_norm = None
     if args.threads is not None and args.threads < 1:
         p.error(f"--threads must be >= 1, got {args.threads}")
     if args.time_limit is not None and not args.time_limit > 0:
@@ -298,6 +310,10 @@ def main(argv=None):
         saved = read_checkpoint(resume)["extra"].get("args")
         changes = reconcile_resume_args(args, saved, build_parser(), argv, mutable=RESUME_MUTABLE,
                                         environment=RESUME_ENVIRONMENT)
+        if args.step_in_backward and args.max_grad_norm is not None:
+            raise SystemExit(f"--step_in_backward: the checkpoint's run clips the gradient norm (--max_grad_norm "
+                             f"{args.max_grad_norm}), which a step inside the backward pass cannot do; resume it "
+                             f"without --step_in_backward")
     info = init_distributed(args.device, distributed=args.distributed)
     flowgmm_fast.set_backend(args.backend)
     seed_everything(args.seed)
@@ -341,7 +357,8 @@ def main(argv=None):
     trainer = Trainer(net, optimizers, schedulers=schedulers, steps_per_epoch=spe, max_grad_norm=args.max_grad_norm,
                       ckpt_path=ckpt_path, logger=logger, autocast_dtype=autocast_dtype,
                       check_every=1 if info.device.type == "cpu" else args.log_freq,
-                      extra_state=lambda: {"args": vars(args), "labeled_idx": [int(i) for i in labeled]})
+                      extra_state=lambda: {"args": vars(args), "labeled_idx": [int(i) for i in labeled]},
+                      step_in_backward=args.step_in_backward)
     if resume is not None:
         extra = trainer.resume(resume)
         if "labeled_idx" in extra and extra["labeled_idx"] != [int(i) for i in labeled]:
@@ -359,6 +376,7 @@ def main(argv=None):
                      f"{args.flow} {n_params} parameters | {spe} steps/epoch, steps {trainer.step} -> {max_steps} | "
                      f"device {info.device} x{info.world_size} | backend {args.backend} | dtype {args.dtype}"
                      + (" | invertible backprop" if args.invertible_backprop else "")
+                     + (" | step in backward (no clipping)" if args.step_in_backward else "")
                      + (f" | resumed from {resume}" if resume is not None else "")
                      + (f" | threads {torch.get_num_threads()}" if info.device.type == "cpu" else ""))
         if args.compile and args.invertible_backprop:

@@ -57,8 +57,8 @@ import torch
 
 from flowgmm_fast.data import tabular as T
 from flowgmm_fast.semisup import FitConfig, build_tabular_flowgmm, fit_flowgmm, init_means_from_labeled
-from flowgmm_fast.training import (TrainLogger, load_checkpoint, read_checkpoint, reconcile_resume_args,
-                                   seed_everything, set_learning_rate)
+from flowgmm_fast.training import (TrainLogger, explicit_dests, load_checkpoint, read_checkpoint,
+                                   reconcile_resume_args, seed_everything, set_learning_rate)
 
 PRESETS = {
     "ag_news": dict(num_labeled=200, unlabeled_weight=0.6, epochs=100, lr=3e-4, num_coupling_layers=7,
@@ -82,7 +82,7 @@ COMMON = dict(batch_size=5000, weight_decay=1e-5, dropout=0.5, num_layers=1, lab
 RESUME_MUTABLE = ("unlabeled_weight", "label_weight", "lr", "epochs", "max_steps", "max_grad_norm", "eval_every",
                   "save_every")
 RESUME_ENVIRONMENT = ("data_root", "features", "split", "run_dir", "resume", "device", "threads", "no_progress",
-                      "log_every", "stop_at", "invertible_backprop", "invertible_checkpoint_every")
+                      "log_every", "stop_at", "invertible_backprop", "invertible_checkpoint_every", "step_in_backward")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--invertible-checkpoint-every", type=int, default=None,
                    help="with --invertible-backprop: also keep every N-th coupling's exact input")
     p.add_argument("--max-grad-norm", type=float, default=100.0)
+    p.add_argument("--step-in-backward", action="store_true",
+                   help="AdamW steps each parameter inside the backward pass and frees its gradient (the same updates; "
+                        "a step holds one gradient at a time: with --invertible-backprop the step's memory no longer "
+                        "grows with the depth). No gradient clipping: --max-grad-norm cannot be given with it")
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--eval-every", type=int, default=None, help="steps between test evaluations (default: end)")
     p.add_argument("--save-every", type=int, default=None, help="steps between checkpoints (default: end)")
@@ -167,6 +171,11 @@ def parse_args(argv=None):
             p.error(f"--{name} must be > 0")
     if args.invertible_checkpoint_every is not None and args.invertible_checkpoint_every < 1:
         p.error("--invertible-checkpoint-every must be >= 1")
+    if args.step_in_backward:  # nothing left to clip once every parameter is stepped inside the backward pass
+        if "max_grad_norm" in explicit_dests(p, argv):
+            p.error("--step-in-backward steps each parameter before the global gradient norm is known: it cannot "
+                    "clip it, drop --max-grad-norm")
+        args.max_grad_norm = None
     if args.batch_size < 1 or args.unlabeled_weight < 0 or args.label_weight < 0:
         p.error("--batch-size must be >= 1 and the loss weights >= 0")
     if args.run_dir is None:  # custom data: the features file names the run, so two tables never share a folder
@@ -270,6 +279,10 @@ def main(argv=None) -> dict:
         saved = read_checkpoint(os.path.join(args.run_dir, "last.pt"))["extra"].get("args")
         changes = reconcile_resume_args(args, saved, build_parser(), argv, mutable=RESUME_MUTABLE,
                                         environment=RESUME_ENVIRONMENT)
+        if args.step_in_backward and args.max_grad_norm is not None:
+            raise SystemExit(f"--step-in-backward: the checkpoint's run clips the gradient norm (--max-grad-norm "
+                             f"{args.max_grad_norm}), which a step inside the backward pass cannot do; resume it "
+                             f"without --step-in-backward")
     if args.threads:
         torch.set_num_threads(args.threads)
     seed_everything(args.seed)
@@ -305,7 +318,7 @@ def main(argv=None) -> dict:
                        label_weight=args.label_weight, weight_decay=args.weight_decay, grad_clip=args.max_grad_norm,
                        seed=args.seed, log_every=args.log_every, learn_priors=args.learn_priors,
                        validation_fraction=args.validation_fraction if args.patience else 0.0,
-                       patience=args.patience)
+                       patience=args.patience, step_in_backward=args.step_in_backward)
     os.makedirs(args.run_dir, exist_ok=True)
 
     @torch.no_grad()

@@ -162,7 +162,9 @@ class FitConfig:
     step (None = all labeled rows every step). ``learn_priors``: EM updates of the mixture weights at every epoch end
     (``prior_pseudocount`` a per class); ``validation_fraction``: unlabeled rows held out for early stopping, which
     stops after ``patience`` epochs without a held-out NLL improvement larger than ``min_delta`` (nats per row).
-    ``ce_weight``: the labeled rows' cross-entropy, per feature (module docstring).
+    ``ce_weight``: the labeled rows' cross-entropy, per feature (module docstring). ``step_in_backward``: AdamW steps
+    each parameter inside the backward pass and frees its gradient (the Trainer's ``step_in_backward``; the same
+    updates, a step's gradient memory of one parameter at a time); it cannot clip, so it needs ``grad_clip=None``.
     """
 
     steps: int | None = None
@@ -182,6 +184,7 @@ class FitConfig:
     patience: int | None = None
     min_delta: float = 1e-3
     ce_weight: float = 0.0
+    step_in_backward: bool = False
 
     def __post_init__(self):
         if (self.steps is None) == (self.epochs is None):
@@ -211,6 +214,11 @@ class FitConfig:
             raise ValueError(f"prior_pseudocount must be >= 0, got {self.prior_pseudocount!r}")
         if not isinstance(self.log_every, int) or self.log_every < 1:
             raise ValueError(f"log_every must be a positive int, got {self.log_every!r}")
+        if not isinstance(self.step_in_backward, bool):
+            raise ValueError(f"step_in_backward must be a bool, got {self.step_in_backward!r}")
+        if self.step_in_backward and self.grad_clip is not None:
+            raise ValueError(f"step_in_backward=True steps each parameter before the global gradient norm is known and "
+                             f"cannot clip it: set grad_clip=None (got grad_clip={self.grad_clip!r})")
 
 
 def steps_for_epochs(epochs: float, num_unlabeled: int, batch_size: int) -> int:
@@ -434,7 +442,7 @@ def fit_flowgmm(model: FlowGMM, x: torch.Tensor, labels: torch.Tensor, config: F
 
     trainer = Trainer(model, {"flow": optimizer}, schedulers={"flow": scheduler},
                       steps_per_epoch=batches.steps_per_epoch, max_grad_norm=config.grad_clip, ckpt_path=ckpt_path,
-                      logger=logger, extra_state=state)
+                      logger=logger, extra_state=state, step_in_backward=config.step_in_backward)
     devices = [x.device.index or 0] if x.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(config.seed)

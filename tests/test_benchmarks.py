@@ -236,7 +236,7 @@ def test_invertible_benchmark_smoke(tmp_path):
 
     suite = dict(B.SUITES["smoke"])
     suite["memory"] = suite["memory"][:1]
-    records = B.run(suite, ["time", "drift", "memory", "budget"], CPU, log=lambda s: None)
+    records = B.run(suite, ["time", "drift", "memory", "budget", "time-fused"], CPU, log=lambda s: None)
     parts = [r["part"] for r in records]
     assert parts.count("memory") == 2 and parts.count("budget") == 2 and "time" in parts and "drift" in parts
     for r in records:
@@ -247,6 +247,8 @@ def test_invertible_benchmark_smoke(tmp_path):
     assert all(r["fits"] for r in records if r["part"] == "budget")  # 512 MB is plenty for the tiny model
     t = next(r for r in records if r["part"] == "time")
     assert len(t["ratios"]) == t["pairs"] and t["median_ratio"] > 0
+    f = next(r for r in records if r["part"] == "time-fused")
+    assert len(f["ratios"]) == f["pairs"] == 2 and f["median_fused_s"] > 0 and f["mode"] == "invertible"
     for r in (r for r in records if r["part"] == "drift"):
         assert 0 <= r["grad_rel_invertible_none"] < 1e-3 and 0 <= r["rebuilt_rel_max_none"] < 1e-3
     text = B.summary(records)
@@ -350,4 +352,37 @@ def test_invertible_render_of_several_files_lets_a_later_part_replace_the_earlie
     assert "1.50x" not in text and all(Path(f).name in text for f in files)
     merged, used = B.merge_results([common.load_results(f) for f in files])
     assert sorted(r["part"] for r in merged) == ["memory", "time"]  # the earlier file's other parts stay
-    assert used == [{"memory"}, {"time"}]
+    assert used == [{"memory mnist/kept"}, {"time"}]
+
+
+def test_invertible_a_later_file_adding_the_fused_policy_keeps_the_earlier_policies(tmp_path):
+    """Memory is replaced per (config, gradient policy): a file measuring only `fused` leaves the earlier file's
+    `none` figures in place, and each policy gets its own target row."""
+    from benchmarks import bench_invertible as B
+
+    def mem(n, mode, grads, mb):
+        return {"part": "memory", "config": "tabular", "axis": "couplings", "mode": mode, "grads": grads,
+                "param_mb": 1.0, "batch": 5000, "depth": n, "peak_mb": mb}
+
+    early = [mem(n, m, "none", mb) for n, m, mb in ((4, "standard", 100.0), (4, "invertible", 40.0),
+                                                   (32, "standard", 800.0), (32, "invertible", 54.0))]
+    late = [mem(n, m, "fused", mb) for n, m, mb in ((4, "standard", 99.0), (4, "invertible", 40.0),
+                                                   (32, "standard", 790.0), (32, "invertible", 41.0))]
+    records, used = B.merge_results([{"records": early}, {"records": late}])
+    assert len(records) == 8 and used == [{"memory tabular/none"}, {"memory tabular/fused"}]
+    rows = {r[0]: r[1:] for r in B.targets(records)}
+    none = rows["RealNVPTabular 4 -> 32 couplings (gradients none): invertible grows < 15%, standard grows"]
+    fused = next(v for k, v in rows.items() if "gradients fused" in k and "step_in_backward=True" in k)
+    assert none[1] == "no" and "(+35%)" in none[0]
+    assert fused[1] == "yes" and "invertible 40 -> 41 MB (+2%)" in fused[0]
+    # a re-measured `none` replaces the earlier one only
+    records, _ = B.merge_results([{"records": early + late}, {"records": [mem(4, "invertible", "none", 1.0)]}])
+    assert sorted(r["peak_mb"] for r in records if r["grads"] == "none") == [1.0]
+    assert len([r for r in records if r["grads"] == "fused"]) == 4
+    time_fused = {"part": "time-fused", "config": "tabular", "batch": 5000, "depth": 32, "mode": "invertible",
+                  "pairs": 2, "ratios": [1.1, 1.3], "median_ratio": 1.2, "median_none_s": 2.0, "median_fused_s": 2.4}
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{B.README_START}\n{B.README_END}\n")
+    meta = {"device": "Fake CPU", "torch": "x", "git_commit": "0123456789", "date_utc": "now", "device_tag": "cpu-1t"}
+    B.write_outputs(records + [time_fused], meta, tmp_path / "res" / "invertible_x.json", readme)
+    assert "invertible: 1.20x (2 pairs: 1.10, 1.30; 2.00 s vs 2.40 s)" in readme.read_text()

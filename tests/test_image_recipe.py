@@ -157,3 +157,13 @@ def test_identity_flow_init_starts_as_the_logit_layer_and_still_learns(script):
     args = script.parse_args(REQUIRED + ["--mid_channels", "4", "--num_blocks", "1"])
     z_rand, _ = script.build_model(args, 1, 64, 3).flow.train()(x)
     assert (z_rand.flatten(1).sort(1).values - pre.flatten(1).sort(1).values).abs().max() > 0.1
+
+
+def test_step_in_backward_turns_clipping_off_and_refuses_what_it_cannot_do(script, capsys):
+    args = script.parse_args(REQUIRED + ["--step_in_backward"])
+    assert args.step_in_backward and args.max_grad_norm is None
+    assert script.parse_args(REQUIRED).max_grad_norm == 100.0
+    for flags, said in ((["--max_grad_norm", "5"], "cannot clip"), (["--distributed"], "--distributed")):
+        with pytest.raises(SystemExit):
+            script.parse_args(REQUIRED + ["--step_in_backward", *flags])
+        assert said in capsys.readouterr().err

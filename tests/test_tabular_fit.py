@@ -151,3 +151,24 @@ def test_early_stopping_keeps_the_best_heldout_epoch_and_stops():
     _, val = _split_validation(labels, cfg)
     with torch.no_grad():
         assert float(model.nll(x[val]).mean()) == pytest.approx(vals[best], rel=1e-5)
+
+
+@pytest.mark.parametrize("invertible", [False, True], ids=["standard", "invertible"])
+def test_step_in_backward_fits_the_same_model(invertible):
+    """FitConfig(step_in_backward=True): AdamW stepped per parameter inside the backward pass, the same weights as the
+    standard step (both without clipping, which the fused step cannot do and refuses)."""
+    x, labels, _ = _moons()
+
+    def run(fused):
+        model = build_tabular_flowgmm(2, 2, num_coupling_layers=3, hidden_dim=16, dropout=0.5, seed=0,
+                                      means_trainable=True, invertible_backprop=invertible)
+        fit_flowgmm(model, x, labels, FitConfig(steps=5, batch_size=64, grad_clip=None, step_in_backward=fused),
+                    progress=False)
+        return _weights(model)
+
+    start = _weights(build_tabular_flowgmm(2, 2, num_coupling_layers=3, hidden_dim=16, dropout=0.5, seed=0))
+    std, fused = run(False), run(True)
+    assert not torch.equal(std[:start.numel()], start)
+    torch.testing.assert_close(fused, std, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="grad_clip=None"):
+        FitConfig(steps=1, step_in_backward=True)

@@ -12,7 +12,8 @@
 - :class:`NonFiniteGuard` / :class:`NonFiniteLossError`, :func:`non_finite_state` / :class:`NonFiniteStateError`
   (:mod:`.guards`).
 - :func:`weight_decay_param_groups` (decay on weight-norm gains only), :func:`linear_rampup`,
-  :func:`make_lr_scheduler` (:mod:`.optim`).
+  :func:`make_lr_scheduler`, :class:`StepInBackward` (the optimizer step fused into the backward pass; the Trainer's
+  ``step_in_backward=True``) (:mod:`.optim`).
 - torch.distributed: :func:`init_distributed`, :func:`wrap_model` (DDP + global batch-norm), :func:`rank_slice`,
   :func:`all_reduce_mean`, :func:`is_main_process`, ... (:mod:`.distributed`).
 
@@ -35,7 +36,8 @@ from .distributed import (DistInfo, GlobalBatchNorm, all_gather_object, all_redu
 from .guards import NonFiniteGuard, NonFiniteLossError, NonFiniteStateError, non_finite_state
 from .logger import TrainLogger, format_summary
 from .losses import flowgmm_cons_loss, semisup_loss
-from .optim import linear_rampup, make_lr_scheduler, weight_decay_param_groups
+from .optim import (PER_PARAMETER_OPTIMIZERS, StepInBackward, linear_rampup, make_lr_scheduler,
+                    weight_decay_param_groups)
 from .resume import ResumeArgumentError, explicit_dests, reconcile_resume_args, set_learning_rate
 from .trainer import Trainer
 
@@ -44,7 +46,8 @@ __all__ = ["Trainer", "semisup_loss", "flowgmm_cons_loss", "save_checkpoint", "l
            "restore_rng_state", "seed_everything", "CheckpointError", "TrainLogger", "format_summary",
            "NonFiniteGuard", "NonFiniteLossError", "NonFiniteStateError", "non_finite_state",
            "reconcile_resume_args", "explicit_dests", "set_learning_rate", "ResumeArgumentError",
-           "weight_decay_param_groups", "linear_rampup", "make_lr_scheduler",
+           "weight_decay_param_groups", "linear_rampup", "make_lr_scheduler", "StepInBackward",
+           "PER_PARAMETER_OPTIMIZERS",
            "DistInfo", "init_distributed", "cleanup_distributed", "is_distributed", "get_rank", "get_world_size",
            "is_main_process", "barrier", "all_gather_object", "broadcast_object", "all_reduce_mean", "unwrap_model",
            "wrap_model", "convert_sync_batchnorm", "GlobalBatchNorm", "rank_slice"]

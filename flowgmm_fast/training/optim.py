@@ -1,15 +1,18 @@
-"""Optimiser helpers shared by the training scripts: weight decay on weight-norm gains only, ramp-ups, schedules."""
+"""Optimiser helpers shared by the training scripts: weight decay on weight-norm gains only, ramp-ups, schedules, and
+the optimizer step fused into the backward pass (:class:`StepInBackward`)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
 from ..nn import weight_norm_gains
 
-__all__ = ["weight_decay_param_groups", "linear_rampup", "make_lr_scheduler"]
+__all__ = ["weight_decay_param_groups", "linear_rampup", "make_lr_scheduler", "StepInBackward",
+           "PER_PARAMETER_OPTIMIZERS"]
 
 
 def weight_decay_param_groups(module: nn.Module, weight_decay: float, **group_options) -> list[dict]:
@@ -54,3 +57,114 @@ def make_lr_scheduler(optimizer: torch.optim.Optimizer, kind: str = "constant", 
         return warm * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# torch.optim's optimizers whose update of a parameter reads only that parameter's gradient and state and its group's
+# hyperparameters: stepping them one parameter at a time is the same update as one step over all parameters
+PER_PARAMETER_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax, torch.optim.NAdam,
+                            torch.optim.RAdam, torch.optim.RMSprop, torch.optim.Adagrad, torch.optim.Adadelta,
+                            torch.optim.ASGD, torch.optim.Rprop, torch.optim.Adafactor)
+
+
+class StepInBackward:
+    """The optimizer step fused into the backward pass: inside ``with StepInBackward(optimizers): loss.backward()``
+    each parameter is stepped as soon as its gradient is accumulated, and its gradient is freed at once
+    (``Tensor.register_post_accumulate_grad_hook``). The step's gradient memory is then one parameter's gradient at
+    a time instead of all of them -- with backprop by inversion (:mod:`flowgmm_fast.nn.invertible`) the last part of
+    a training step's memory that grew with the flow's depth.
+
+    optimizers: an optimizer, a sequence of them or a mapping name -> optimizer (the Trainer's). Each is an instance
+    of one of :data:`PER_PARAMETER_OPTIMIZERS` (an update of one parameter that reads the other parameters' gradients
+    -- LBFGS -- cannot be made one parameter at a time). They are used as they are: a parameter is stepped by calling
+    its optimizer's ``step()`` with the parameter's group temporarily narrowed to that one parameter, so the
+    optimizer's state, parameter groups (learning rates set by a scheduler, weight decay per group) and
+    ``state_dict()`` are exactly those of the standard ``backward(); step()``, and the update is the same (the same
+    per-parameter arithmetic; equal in float64 in tests/test_step_in_backward.py). Checkpoints of the two ways are
+    interchangeable. Step hooks registered on an optimizer run once per parameter. Schedulers step after the backward
+    pass as usual. A parameter in several optimizers is stepped by each, in order.
+
+    What it cannot do, and refuses: clip the global gradient norm (no gradient is left to clip once the backward pass
+    ends; the Trainer refuses ``max_grad_norm`` with it); accumulate gradients over several backward passes (every
+    parameter's ``grad`` must be None on entering, and a parameter whose gradient arrives twice inside one ``with``
+    raises); DistributedDataParallel (its all-reduce writes the averaged gradients after the local ones are
+    accumulated; the Trainer refuses it). An error raised inside the backward pass leaves the parameters stepped so
+    far updated (in standard mode none would be).
+    """
+
+    def __init__(self, optimizers: Mapping[str, torch.optim.Optimizer] | Sequence[torch.optim.Optimizer]
+                 | torch.optim.Optimizer):
+        if isinstance(optimizers, torch.optim.Optimizer):
+            named = {"0": optimizers}
+        elif isinstance(optimizers, Mapping):
+            named = dict(optimizers)
+        else:
+            named = {str(i): opt for i, opt in enumerate(optimizers)}
+        if not named:
+            raise ValueError("optimizers must hold at least one optimizer")
+        for name, opt in named.items():
+            if not isinstance(opt, PER_PARAMETER_OPTIMIZERS):
+                raise ValueError(f"optimizers[{name!r}] is a {type(opt).__name__}: a step in the backward pass updates "
+                                 f"one parameter at a time, which needs an optimizer whose update of a parameter reads "
+                                 f"only that parameter's gradient (one of "
+                                 f"{', '.join(c.__name__ for c in PER_PARAMETER_OPTIMIZERS)})")
+        self.optimizers = named
+        self._owners: dict[int, tuple[torch.Tensor, list[tuple[torch.optim.Optimizer, int]]]] = {}
+        self._handles: list = []
+        self._stepped: set[int] = set()
+
+    def _map_owners(self) -> None:
+        """parameter -> the (optimizer, group index) pairs that step it, in the optimizers' order; read anew at every
+        ``with`` (``load_state_dict`` replaces the group dicts, ``add_param_group`` adds some)."""
+        self._owners = {}
+        for opt in self.optimizers.values():
+            for gi, group in enumerate(opt.param_groups):
+                for p in group["params"]:
+                    self._owners.setdefault(id(p), (p, []))[1].append((opt, gi))
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        """The optimizers' parameters (each once)."""
+        self._map_owners()
+        return [p for p, _ in self._owners.values()]
+
+    def __enter__(self) -> StepInBackward:
+        if self._handles:
+            raise RuntimeError("StepInBackward is already active (it does not nest)")
+        params = self.params  # maps the owners
+        held = [i for i, p in enumerate(params) if p.grad is not None]
+        if held:
+            raise ValueError(f"StepInBackward: {len(held)} parameter(s) already hold a gradient (the first: parameter "
+                             f"{held[0]} of the optimizers); set them to None first (zero_grad(set_to_none=True)): "
+                             f"gradients cannot be accumulated over several backward passes when every parameter is "
+                             f"stepped inside the backward pass")
+        self._stepped = set()
+        self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in params if p.requires_grad]
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        return False
+
+    @property
+    def stepped(self) -> int:
+        """How many parameters the last (or current) backward pass stepped."""
+        return len(self._stepped)
+
+    def _hook(self, p: torch.Tensor) -> None:
+        if id(p) in self._stepped:
+            raise RuntimeError("StepInBackward: a parameter received a second gradient inside one step (a second "
+                               "backward pass, or retain_graph=True and backward twice): it was already stepped with "
+                               "the first; gradients cannot be accumulated when the step runs inside the backward pass")
+        self._stepped.add(id(p))
+        for opt, gi in self._owners[id(p)][1]:
+            groups = opt.param_groups
+            group = groups[gi]
+            params = group["params"]
+            opt.param_groups, group["params"] = [group], [p]  # the real group dict: the scheduler's lr, its options
+            try:
+                opt.step()
+            finally:
+                opt.param_groups, group["params"] = groups, params
+        p.grad = None

@@ -4,6 +4,9 @@ The script supplies the pieces that differ -- a batch source, a loss function, a
 :class:`Trainer` does what every run needs, once:
 
 - backward, gradient-norm clipping, every optimizer and scheduler stepped once per step, optional bf16 autocast;
+  or, with ``step_in_backward=True``, every parameter stepped inside the backward pass as soon as its gradient is
+  ready and its gradient freed at once (:class:`~flowgmm_fast.training.optim.StepInBackward`: gradient memory of one
+  parameter at a time; no clipping);
 - loss parts accumulated on the device and logged every ``log_every`` steps (TensorBoard: each part, learning
   rate, gradient norm, step time; tqdm bar), no host sync in between;
 - the non-finite guard (:class:`~flowgmm_fast.training.guards.NonFiniteGuard`): a NaN/inf loss part stops the run
@@ -45,6 +48,7 @@ from .checkpoint import (atomic_write_bytes, checkpoint_payload, load_checkpoint
                          serialize_checkpoint)
 from .guards import NonFiniteGuard, NonFiniteLossError, NonFiniteStateError, non_finite_state
 from .logger import TrainLogger
+from .optim import StepInBackward
 
 __all__ = ["Trainer"]
 
@@ -60,21 +64,41 @@ class Trainer:
     ``compute_loss`` under autocast. check_every: steps between non-finite checks (each is one host sync; every
     step on the CPU costs nothing, on CUDA choose the log interval). extra_state: returns a dict saved in every
     checkpoint (e.g. the script's arguments); it comes back from :meth:`resume`.
+
+    step_in_backward: step every parameter inside the backward pass and free its gradient
+    (:class:`~flowgmm_fast.training.optim.StepInBackward`): the same updates, optimizer state, schedules and
+    checkpoints as the standard step (resuming across the two ways is exact), without holding every gradient at once.
+    It cannot clip the global gradient norm (``max_grad_norm`` must be None) and does not work under
+    torch.distributed; both are refused with a ValueError. The non-finite guard behaves as in the standard step: the
+    step of a non-finite loss is applied, the run stops at the next check and no checkpoint of that state is written.
     """
 
     def __init__(self, model: nn.Module, optimizers: Mapping[str, torch.optim.Optimizer], *, steps_per_epoch: int,
                  schedulers: Mapping[str, object] | None = None, max_grad_norm: float | None = None,
                  ckpt_path: str | Path | None = None, logger: TrainLogger | None = None,
                  autocast_dtype: torch.dtype | None = None, check_every: int = 1,
-                 extra_state: Callable[[], dict] | None = None):
+                 extra_state: Callable[[], dict] | None = None, step_in_backward: bool = False):
         if not optimizers:
             raise ValueError("optimizers must name at least one optimizer")
+        if not isinstance(step_in_backward, bool):
+            raise TypeError(f"step_in_backward must be a bool, got {type(step_in_backward).__name__}")
         if steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
         if check_every < 1:
             raise ValueError(f"check_every must be >= 1, got {check_every}")
+        self._in_backward = None
+        if step_in_backward:
+            if max_grad_norm is not None:
+                raise ValueError(f"step_in_backward=True steps each parameter as soon as its gradient is ready, before "
+                                 f"the global gradient norm is known, so it cannot clip it: max_grad_norm must be None "
+                                 f"with it, got {max_grad_norm!r}")
+            if dist_utils.is_distributed() or isinstance(model, nn.parallel.DistributedDataParallel):
+                raise ValueError("step_in_backward=True does not work under torch.distributed: "
+                                 "DistributedDataParallel averages the gradients across ranks after they are "
+                                 "accumulated, and a step inside the backward pass would use this rank's own")
+            self._in_backward = StepInBackward(optimizers)
         self.model = model
         self.optimizers = dict(optimizers)
         self.schedulers = {k: v for k, v in (schedulers or {}).items() if v is not None}
@@ -93,6 +117,11 @@ class Trainer:
         self._finish_requested = False
         self._params = [p for opt in self.optimizers.values() for g in opt.param_groups for p in g["params"]]
         self._device = next(iter(model.parameters())).device
+
+    @property
+    def step_in_backward(self) -> bool:
+        """Whether the parameters are stepped inside the backward pass (the constructor's argument)."""
+        return self._in_backward is not None
 
     @property
     def epoch(self) -> float:
@@ -150,12 +179,16 @@ class Trainer:
             loss, parts = compute_loss(batch, self)
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
-        loss.backward()
         grad_norm = None
-        if self.max_grad_norm is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self._params, self.max_grad_norm)
-        for opt in self.optimizers.values():
-            opt.step()
+        if self._in_backward is not None:
+            with self._in_backward:  # every parameter stepped (and its gradient freed) as its gradient arrives
+                loss.backward()
+        else:
+            loss.backward()
+            if self.max_grad_norm is not None:
+                grad_norm = torch.nn.utils.clip_grad_norm_(self._params, self.max_grad_norm)
+            for opt in self.optimizers.values():
+                opt.step()
         for sched in self.schedulers.values():
             sched.step()
         self.step += 1
