@@ -9,6 +9,7 @@ faster), so load from other processes on a shared machine hits both sides of a p
 backends' outputs and gradients are compared (``max_rel_err``).
 
     python -m benchmarks.bench_coupling_layer [--pairs 40] [--inner 10] [--threads N] [--backend native] [--no-write]
+    python -m benchmarks.bench_coupling_layer --profile     # the profiler's op table of one step per mask, no timing
 
 Writes ``results/coupling_layer_<device>_<UTC>_<commit>.json`` (``common.write_results``) with a summary per mask.
 """
@@ -95,6 +96,29 @@ def time_pairs(layer: nn.Module, x: torch.Tensor, fast: str, pairs: int, inner: 
             "median_torch_ms": 1e3 * statistics.median(times["torch"])}
 
 
+COPY_OPS = ("aten::contiguous", "aten::clone", "aten::copy_", "aten::cat")
+
+
+def profile_step(layer: nn.Module, x: torch.Tensor, backend: str, steps: int = 3) -> str:
+    """torch.profiler's op table (self CPU time) of ``steps`` forward + backward steps, then the copy-type ops
+    (contiguous / clone / copy_ / cat) with their input shapes and the op that called them."""
+    from torch.profiler import profile
+
+    _step(layer, x, backend)
+    with profile(record_shapes=True) as prof:
+        for _ in range(steps):
+            layer.zero_grad(set_to_none=True)
+            x.grad = None
+            _step(layer, x, backend)
+    lines = [prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20),
+             f"copy-type ops in {steps} steps (name, input shapes, caller):"]
+    for ev in prof.events():
+        if ev.name in COPY_OPS and (ev.cpu_parent is None or ev.cpu_parent.name not in COPY_OPS):
+            caller = ev.cpu_parent.name if ev.cpu_parent is not None else "-"
+            lines.append(f"  {ev.name} {ev.input_shapes} <- {caller}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pairs", type=int, default=40)
@@ -105,16 +129,22 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=SHAPE[0])
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="print the profiler's table of a step per mask, no timing")
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.profile:
+        for mask in args.masks:
+            x = torch.randn((args.batch, *SHAPE[1:]), device=device).requires_grad_()
+            print(f"== {mask}, backend {args.backend}\n{profile_step(make_layer(mask).to(device), x, args.backend)}")
+        return {}
     meta = common.run_metadata(device, argv)
     records = []
     for mask in args.masks:
         layer = make_layer(mask).to(device)
-        x = torch.randn((args.batch, *SHAPE[1:]), device=device, generator=None).requires_grad_()
+        x = torch.randn((args.batch, *SHAPE[1:]), device=device).requires_grad_()
         rec = {"mask": mask, "shape": [args.batch, *SHAPE[1:]], "backend": args.backend,
                "st_net": repr(layer.st_net), "max_rel_err": max_rel_err(layer, x.detach(), args.backend)}
         rec.update(time_pairs(layer, x, args.backend, args.pairs, args.inner))
