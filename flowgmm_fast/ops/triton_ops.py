@@ -119,7 +119,8 @@ coupling_fwd.register_autograd(_coupling_backward, setup_context=_coupling_setup
 
 def affine_coupling(x, s, t, scale, mask, checker_parity, reverse, sldj):
     """Fused affine coupling (normalised signature of :func:`flowgmm_fast.ops.reference.affine_coupling`).
-    x, s, t: (B, C, *S); one kernel launch per direction. float64 x runs the reference."""
+    x, s, t: (B, C, *S) (t None: s is the joint (B, 2C, *S) s/t tensor); views with dense per-sample planes are read
+    in place; one kernel launch per direction. float64 x runs the reference."""
     if x.dtype == torch.float64:
         return reference.affine_coupling(x, s, t, scale, mask, checker_parity, reverse, sldj)
     if sldj is not None and sldj.dtype == torch.float64:
