@@ -467,7 +467,8 @@ def edge_checks(ck: Checker, device: torch.device) -> None:
 
 
 def odd_shape_ops(device: torch.device) -> list[str]:
-    """Every native op, forward and backward, on tiny odd shapes, against the reference (fp32). Run in-process, and
+    """Every native op, forward and backward, on tiny odd shapes, against the reference (fp32) -- the coupling also
+    on chunk views and a joint s/t tensor (the strided reads and the one-buffer s/t gradient). Run in-process, and
     as the child under compute-sanitizer on CUDA. Returns the problems found."""
     problems = []
     g = torch.Generator().manual_seed(13)
@@ -502,6 +503,14 @@ def odd_shape_ops(device: torch.device) -> list[str]:
                 lambda x, s, t, sc, sl, rev=rev: F.affine_coupling(x, s, t, sc, mask, rev, sl))
         tensors = [x.reshape(3, -1)[:, :37], s.reshape(3, -1)[:, :37], t.reshape(3, -1)[:, :37]]
         compare(f"vector coupling reverse={rev}", lambda x, s, t, rev=rev: F.affine_coupling(x, s, t, None, None, rev))
+        # the layouts AffineCoupling hands the kernels: chunk views (batch-strided, read in place) and the s/t net's
+        # output whole (t=None; its gradient written as one tensor)
+        tensors = [torch.cat([x, x], 1), torch.cat([s, t], 1), sc, sl]
+        compare(f"coupling chunk views reverse={rev}",
+                lambda xw, st, sc, sl, rev=rev: F.affine_coupling(xw.chunk(2, 1)[1], *st.chunk(2, 1), sc,
+                                                                  F.checkerboard(0), rev, sl))
+        compare(f"coupling joint s/t reverse={rev}",
+                lambda xw, st, sc, sl, rev=rev: F.affine_coupling(xw.chunk(2, 1)[1], st, None, sc, mask, rev, sl))
     tensors = [rnd(*shape, kind="rand"), rnd(*shape, kind="rand"), sl]
     compare("logit", lambda x, n, sl: F.logit_transform(x, 0.05, False, sl, noise=n))
     tensors = [x]

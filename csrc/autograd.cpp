@@ -26,10 +26,10 @@ c10::TypedOperatorHandle<Sig> op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
 
-using CouplingFwdSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+using CouplingFwdSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
                                                   const OptTensor&, int64_t, bool, const OptTensor&);
 using CouplingBwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, const Tensor&,
-                                                                  const Tensor&, const Tensor&, const OptTensor&,
+                                                                  const Tensor&, const OptTensor&, const OptTensor&,
                                                                   const OptTensor&, int64_t, bool);
 using SqueezeSig = Tensor(const Tensor&, bool, bool);
 using LogitFwdSig = std::tuple<Tensor, Tensor>(const Tensor&, double, bool, const OptTensor&, const OptTensor&);
@@ -51,19 +51,20 @@ Tensor sldj_grad(const Tensor& grad_sldj, const AutogradContext* ctx) {
 
 // ------------------------------------------------------------------------------------------------------ coupling
 struct CouplingFn : torch::autograd::Function<CouplingFn> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& s, const Tensor& t,
+  // t absent: s is the s/t net's output (B, 2C, *S) holding s then t, and its gradient comes back as one tensor
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& s, const OptTensor& t,
                                const OptTensor& scale, const OptTensor& mask, int64_t parity, bool reverse,
                                const OptTensor& sldj) {
     static const auto fwd = op<CouplingFwdSig>("flowgmm_native::coupling_fwd");
     ctx->set_materialize_grads(false);
-    ctx->save_for_backward({x, s, t, scale.value_or(Tensor()), mask.value_or(Tensor())});
+    ctx->save_for_backward({x, s, t.value_or(Tensor()), scale.value_or(Tensor()), mask.value_or(Tensor())});
     ctx->saved_data["parity"] = parity;
     ctx->saved_data["reverse"] = reverse;
     if (sldj) ctx->saved_data["sldj_dtype"] = sldj->scalar_type();
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, sldj_out] = fwd.call(x, s, t, scale, mask, parity, reverse, sldj);
     // y depends on x, s, t and scale only: when just sldj requires grad, y does not (as in the reference)
-    if (!x.requires_grad() && !s.requires_grad() && !t.requires_grad() && !requires_grad(scale))
+    if (!x.requires_grad() && !s.requires_grad() && !requires_grad(t) && !requires_grad(scale))
       ctx->mark_non_differentiable({y});
     return {y, sldj_out};
   }
@@ -73,13 +74,13 @@ struct CouplingFn : torch::autograd::Function<CouplingFn> {
     const auto saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &s = saved[1], &t = saved[2], &scale = saved[3], &mask = saved[4];
     const Tensor grad_y = grads[0].defined() ? grads[0] : at::zeros_like(x);
-    auto [gx, gs, gt, gscale] = bwd.call(grad_y, opt(grads[1]), x, s, t, opt(scale), opt(mask),
+    auto [gx, gs, gt, gscale] = bwd.call(grad_y, opt(grads[1]), x, s, opt(t), opt(scale), opt(mask),
                                          ctx->saved_data["parity"].toInt(), ctx->saved_data["reverse"].toBool());
-    return {gx, gs, gt, scale.defined() ? gscale : Tensor(), Tensor(), Tensor(), Tensor(), sldj_grad(grads[1], ctx)};
+    return {gx, gs, t.defined() ? gt : Tensor(), scale.defined() ? gscale : Tensor(), Tensor(), Tensor(), Tensor(), sldj_grad(grads[1], ctx)};
   }
 };
 
-std::tuple<Tensor, Tensor> coupling_fwd_autograd(const Tensor& x, const Tensor& s, const Tensor& t,
+std::tuple<Tensor, Tensor> coupling_fwd_autograd(const Tensor& x, const Tensor& s, const OptTensor& t,
                                                  const OptTensor& scale, const OptTensor& mask, int64_t parity,
                                                  bool reverse, const OptTensor& sldj) {
   auto out = CouplingFn::apply(x, s, t, scale, mask, parity, reverse, sldj);

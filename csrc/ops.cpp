@@ -62,12 +62,27 @@ void check_sldj(const OptTensor& sldj, const Tensor& x, const char* name) {
   check_device(*sldj, name, x, "x");
 }
 
-void check_coupling(const Tensor& x, const Tensor& s, const Tensor& t, const OptTensor& scale, const OptTensor& mask,
-                    int64_t parity) {
+// s and t as given, or (t absent) the two halves of s = the s/t net's output (B, 2C, *S): views, read in place
+std::pair<Tensor, Tensor> check_coupling(const Tensor& x, const Tensor& s, const OptTensor& t, const OptTensor& scale,
+                                         const OptTensor& mask, int64_t parity) {
   check_float(x, "x");
   TORCH_CHECK(x.dim() >= 2, "x must have at least 2 dims (B, C, ...), got shape ", x.sizes());
-  check_like(s, "s", x, "x", true);
-  check_like(t, "t", x, "x", true);
+  Tensor s_half = s, t_half;
+  if (t) {
+    check_like(s, "s", x, "x", true);
+    check_like(*t, "t", x, "x", true);
+    t_half = *t;
+  } else {
+    auto joint = x.sizes().vec();
+    joint[1] *= 2;
+    TORCH_CHECK(s.sizes() == at::IntArrayRef(joint), "without t, s must hold s and t on dim 1: shape ", joint,
+                ", got ", s.sizes());
+    TORCH_CHECK(s.device() == x.device(), "s must be on the device of x (", x.device(), "), got ", s.device());
+    TORCH_CHECK(s.scalar_type() == x.scalar_type(), "s must have the dtype of x (", x.scalar_type(), "), got ",
+                s.scalar_type());
+    s_half = s.narrow(1, 0, x.size(1));
+    t_half = s.narrow(1, x.size(1), x.size(1));
+  }
   if (scale) {
     check_float(*scale, "scale");
     TORCH_CHECK(scale->dim() == 1 && scale->size(0) == x.size(1), "scale must have shape (", x.size(1),
@@ -85,12 +100,13 @@ void check_coupling(const Tensor& x, const Tensor& s, const Tensor& t, const Opt
                 ", got ", mask->sizes());
     check_device(*mask, "mask", x, "x");
   }
+  return {s_half, t_half};
 }
 
-std::tuple<Tensor, Tensor> coupling_fwd_checked(const Tensor& x, const Tensor& s, const Tensor& t,
+std::tuple<Tensor, Tensor> coupling_fwd_checked(const Tensor& x, const Tensor& s_, const OptTensor& t_,
                                                 const OptTensor& scale, const OptTensor& mask, int64_t parity,
                                                 bool reverse, const OptTensor& sldj, bool cuda) {
-  check_coupling(x, s, t, scale, mask, parity);
+  const auto [s, t] = check_coupling(x, s_, t_, scale, mask, parity);
   check_sldj(sldj, x, "sldj");
 #if defined(FLOWGMM_WITH_CUDA)
   if (cuda) return cuda::coupling_fwd(x, s, t, scale, mask, parity, reverse, sldj);
@@ -98,18 +114,20 @@ std::tuple<Tensor, Tensor> coupling_fwd_checked(const Tensor& x, const Tensor& s
   return cpu::coupling_fwd(x, s, t, scale, mask, parity, reverse, sldj);
 }
 
+// without t: the gradient of s (B, 2C, *S) as one tensor, and an empty (0,) for t
 std::tuple<Tensor, Tensor, Tensor, Tensor> coupling_bwd_checked(const Tensor& grad_y, const OptTensor& grad_sldj,
-                                                                const Tensor& x, const Tensor& s, const Tensor& t,
+                                                                const Tensor& x, const Tensor& s_, const OptTensor& t_,
                                                                 const OptTensor& scale, const OptTensor& mask,
                                                                 int64_t parity, bool reverse, bool cuda) {
-  check_coupling(x, s, t, scale, mask, parity);
+  const auto [s, t] = check_coupling(x, s_, t_, scale, mask, parity);
+  const bool joint = !t_.has_value();
   check_like(grad_y, "grad_y", x, "x", false);
   check_float(grad_y, "grad_y");
   check_sldj(grad_sldj, x, "grad_sldj");
 #if defined(FLOWGMM_WITH_CUDA)
-  if (cuda) return cuda::coupling_bwd(grad_y, grad_sldj, x, s, t, scale, mask, parity, reverse);
+  if (cuda) return cuda::coupling_bwd(grad_y, grad_sldj, x, s, t, scale, mask, parity, reverse, joint);
 #endif
-  return cpu::coupling_bwd(grad_y, grad_sldj, x, s, t, scale, mask, parity, reverse);
+  return cpu::coupling_bwd(grad_y, grad_sldj, x, s, t, scale, mask, parity, reverse, joint);
 }
 
 Tensor squeeze_checked(const Tensor& x, bool reverse, bool alt_order, bool cuda) {
@@ -225,13 +243,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gmm_bwd_checked(const OptTensor& grad
 
 template <bool kCuda>
 struct Impl {
-  static std::tuple<Tensor, Tensor> coupling_fwd(const Tensor& x, const Tensor& s, const Tensor& t,
+  static std::tuple<Tensor, Tensor> coupling_fwd(const Tensor& x, const Tensor& s, const OptTensor& t,
                                                  const OptTensor& scale, const OptTensor& mask, int64_t parity,
                                                  bool reverse, const OptTensor& sldj) {
     return coupling_fwd_checked(x, s, t, scale, mask, parity, reverse, sldj, kCuda);
   }
   static std::tuple<Tensor, Tensor, Tensor, Tensor> coupling_bwd(const Tensor& grad_y, const OptTensor& grad_sldj,
-                                                                 const Tensor& x, const Tensor& s, const Tensor& t,
+                                                                 const Tensor& x, const Tensor& s, const OptTensor& t,
                                                                  const OptTensor& scale, const OptTensor& mask,
                                                                  int64_t parity, bool reverse) {
     return coupling_bwd_checked(grad_y, grad_sldj, x, s, t, scale, mask, parity, reverse, kCuda);
@@ -277,9 +295,9 @@ void register_impls(torch::Library& m) {
 }  // namespace flowgmm
 
 TORCH_LIBRARY(flowgmm_native, m) {
-  m.def("coupling_fwd(Tensor x, Tensor s, Tensor t, Tensor? scale, Tensor? mask, int checker_parity, bool reverse, "
+  m.def("coupling_fwd(Tensor x, Tensor s, Tensor? t, Tensor? scale, Tensor? mask, int checker_parity, bool reverse, "
         "Tensor? sldj) -> (Tensor, Tensor)");
-  m.def("coupling_bwd(Tensor grad_y, Tensor? grad_sldj, Tensor x, Tensor s, Tensor t, Tensor? scale, Tensor? mask, "
+  m.def("coupling_bwd(Tensor grad_y, Tensor? grad_sldj, Tensor x, Tensor s, Tensor? t, Tensor? scale, Tensor? mask, "
         "int checker_parity, bool reverse) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("squeeze2x2(Tensor x, bool reverse, bool alt_order) -> Tensor");
   m.def("logit_fwd(Tensor x, float alpha, bool reverse, Tensor? sldj, Tensor? noise) -> (Tensor, Tensor)");

@@ -21,6 +21,37 @@ inline at::ScalarType ldj_dtype(at::ScalarType a, at::ScalarType b = at::kFloat,
 // Compute dtype of a tensor's elements: double for double, float otherwise.
 inline at::ScalarType acc_dtype(at::ScalarType a) { return a == at::kDouble ? at::kDouble : at::kFloat; }
 
+// Coupling operands: a tensor (B, C, *S) whose per-sample (C, *S) planes are dense (row-major) but whose samples may
+// sit at any stride -- the `.chunk(2, dim=1)` views of a (B, 2C, *S) tensor (the s/t net's output, the channel
+// coupling's halves) -- is read in place: the loops take its batch stride. Anything else (channels_last, transposed,
+// expanded planes) is copied to a contiguous tensor first, the only copy left.
+inline bool plane_dense(const Tensor& t) {
+  int64_t expected = 1;
+  for (int64_t d = t.dim() - 1; d >= 1; --d) {
+    if (t.size(d) != 1 && t.stride(d) != expected) return false;
+    expected *= t.size(d);
+  }
+  return true;
+}
+inline Tensor dense_planes(const Tensor& t) { return plane_dense(t) ? t : t.contiguous(); }
+// the distance between samples of a plane-dense tensor, in elements (a single sample: its plane size)
+inline int64_t batch_stride(const Tensor& t) {
+  if (t.size(0) > 1) return t.stride(0);
+  int64_t plane = 1;
+  for (int64_t d = 1; d < t.dim(); ++d) plane *= t.size(d);
+  return plane;
+}
+// The coupling backward's s and t gradients: separate (B, C, *S) tensors, or with `joint` the two halves of one
+// (B, 2C, *S) buffer, the gradient of the s/t net's output as a whole (no concatenation after the op).
+inline std::tuple<Tensor, Tensor, Tensor> coupling_st_grads(const Tensor& x, bool joint) {
+  if (!joint) return {Tensor(), at::empty(x.sizes(), x.options()), at::empty(x.sizes(), x.options())};
+  auto sizes = x.sizes().vec();
+  const int64_t C = sizes[1];
+  sizes[1] *= 2;
+  Tensor st = at::empty(sizes, x.options());
+  return {st, st.narrow(1, 0, C), st.narrow(1, C, C)};
+}
+
 // squeeze2x2 geometry, shared by the CPU loop and the CUDA kernel: the squeezed side is (B, 4C, H2, W2), the other
 // (B, C, 2 H2, 2 W2); `x` is the input of the direction `reverse`.
 struct SqueezeGeometry {
@@ -43,7 +74,7 @@ inline Tensor squeeze_output(const Tensor& x, const SqueezeGeometry& g, bool rev
   std::tuple<Tensor, Tensor, Tensor, Tensor> coupling_bwd(const Tensor& grad_y, const OptTensor& grad_sldj,        \
                                                           const Tensor& x, const Tensor& s, const Tensor& t,       \
                                                           const OptTensor& scale, const OptTensor& mask,           \
-                                                          int64_t parity, bool reverse);                           \
+                                                          int64_t parity, bool reverse, bool joint_st);            \
   Tensor squeeze2x2(const Tensor& x, bool reverse, bool alt_order);                                                \
   std::tuple<Tensor, Tensor> logit_fwd(const Tensor& x, double alpha, bool reverse, const OptTensor& sldj,         \
                                        const OptTensor& noise);                                                    \

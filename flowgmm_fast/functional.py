@@ -177,7 +177,10 @@ def _per_channel(name: str, value, x: torch.Tensor) -> torch.Tensor:
 def affine_coupling(x, s, t, scale=None, mask=None, reverse=False, sldj=None):
     """Affine coupling with its log-det: ``(y, sldj_out)``.
 
-    x, s, t: (B, C, *S) (images (B, C, H, W), vectors (B, D)), same shape, dtype and device.
+    x, s, t: (B, C, *S) (images (B, C, H, W), vectors (B, D)), same shape, dtype and device; or t=None with s the
+        s/t net's output (B, 2C, *S) holding s then t on dim 1 (its gradient then comes back as one tensor instead of
+        two halves joined by ``chunk``'s backward). The native backend reads tensors whose per-sample (C, *S) planes
+        are dense in place (e.g. ``.chunk(2, 1)`` views of a (B, 2C, *S) tensor); other layouts are copied first.
     scale: optional per-channel (C,) / (C, 1, 1) tensor; s_eff = scale * tanh(s) when given, else s.
     mask: None (every position transformed), a 0/1 tensor broadcastable to x and the same for every sample, e.g.
         (C, H, W), (1, 1, H, W) or (D,) (1 = kept / conditioning position; treated as a constant, no gradient), or
@@ -189,9 +192,15 @@ def affine_coupling(x, s, t, scale=None, mask=None, reverse=False, sldj=None):
     """
     _check_tensor("x", x, min_dims=2)
     _check_tensor("s", s)
-    _check_tensor("t", t)
-    _check_same("s", s, x, "x")
-    _check_same("t", t, x, "x")
+    if t is None:
+        _check_same("s", s, x, "x", shape=False)
+        if s.shape != (x.shape[0], 2 * x.shape[1], *x.shape[2:]):
+            raise ValueError(f"s must have shape {(x.shape[0], 2 * x.shape[1], *x.shape[2:])} (s and t on dim 1) "
+                             f"when t is None, got {tuple(s.shape)}")
+    else:
+        _check_tensor("t", t)
+        _check_same("s", s, x, "x")
+        _check_same("t", t, x, "x")
     scale = None if scale is None else _per_channel("scale", scale, x)
     reverse = _check_flag("reverse", reverse)
     parity = -1

@@ -1,6 +1,9 @@
 """Fused affine coupling (RealNVP, Dinh et al. 2017 eq. (7)-(9)) forward/reverse and backward, with the log-det.
 
-Layout: x, s, t viewed as (B, C, S) (S = H*W, or 1 for vectors, then C = D). Each program owns one sample b and a
+Layout: x, s, t viewed as (B, C, S) (S = H*W, or 1 for vectors, then C = D), each with its own batch stride: a tensor
+whose per-sample (C, S) planes are dense -- a ``.chunk(2, 1)`` view of the s/t net's output or of the channel coupling's
+input -- is read in place (other layouts are copied first). Outputs are contiguous, except that the backward of a
+joint s/t tensor (t None: s holds s then t on dim 1) writes both gradients into one (B, 2C, S) tensor. Each program owns one sample b and a
 (BLOCK_C, BLOCK_S) tile of its (C, S) plane, so the per-channel scale is a (BLOCK_C,) vector load and the per-sample
 log-det and per-channel scale-gradient are tile reductions. The partial sums go to small buffers that the launcher
 sums (deterministic: no atomics); when one tile covers the whole sample the kernel adds the incoming sldj itself.
@@ -58,7 +61,7 @@ def _tile_index(pc, ps, C, S, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, IDX6
 
 @triton.jit
 def _coupling_fwd_kernel(x_ptr, s_ptr, t_ptr, scale_ptr, mask_ptr, sldj_ptr, y_ptr, ldj_ptr,
-                         C, S, W, parity,
+                         C, S, W, parity, x_bs, s_bs, t_bs,
                          HAS_SCALE: tl.constexpr, MASK_MODE: tl.constexpr, REVERSE: tl.constexpr,
                          HAS_SLDJ: tl.constexpr, ONE_TILE: tl.constexpr,
                          BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, IDX64: tl.constexpr):
@@ -70,10 +73,11 @@ def _coupling_fwd_kernel(x_ptr, s_ptr, t_ptr, scale_ptr, mask_ptr, sldj_ptr, y_p
     c, sp, off = _tile_index(pc, ps, C, S, BLOCK_C, BLOCK_S, IDX64)
     cm = c < C
     inb = cm[:, None] & (sp < S)[None, :]
-    base = b.to(tl.int64) * C * S
-    x = tl.load(x_ptr + base + off, mask=inb, other=0.0).to(tl.float32)
-    s = tl.load(s_ptr + base + off, mask=inb, other=0.0).to(tl.float32)
-    t = tl.load(t_ptr + base + off, mask=inb, other=0.0).to(tl.float32)
+    b64 = b.to(tl.int64)
+    base = b64 * C * S
+    x = tl.load(x_ptr + b64 * x_bs + off, mask=inb, other=0.0).to(tl.float32)
+    s = tl.load(s_ptr + b64 * s_bs + off, mask=inb, other=0.0).to(tl.float32)
+    t = tl.load(t_ptr + b64 * t_bs + off, mask=inb, other=0.0).to(tl.float32)
     if HAS_SCALE:
         sc = tl.load(scale_ptr + c, mask=cm, other=0.0).to(tl.float32)
         s = sc[:, None] * tanh_f32(s)
@@ -100,7 +104,7 @@ def _coupling_fwd_kernel(x_ptr, s_ptr, t_ptr, scale_ptr, mask_ptr, sldj_ptr, y_p
 @triton.jit
 def _coupling_bwd_kernel(x_ptr, s_ptr, t_ptr, scale_ptr, mask_ptr, gy_ptr, gldj_ptr,
                          gx_ptr, gs_ptr, gt_ptr, gscale_ptr,
-                         C, S, W, parity,
+                         C, S, W, parity, x_bs, s_bs, t_bs, gy_bs, gst_bs,
                          HAS_SCALE: tl.constexpr, MASK_MODE: tl.constexpr, REVERSE: tl.constexpr,
                          BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, IDX64: tl.constexpr):
     """Backward of _coupling_fwd_kernel recomputed from its inputs (g = grad of the loss; gl = grad of ldj_out[b]):
@@ -113,11 +117,12 @@ def _coupling_bwd_kernel(x_ptr, s_ptr, t_ptr, scale_ptr, mask_ptr, gy_ptr, gldj_
     c, sp, off = _tile_index(pc, ps, C, S, BLOCK_C, BLOCK_S, IDX64)
     cm = c < C
     inb = cm[:, None] & (sp < S)[None, :]
-    base = b.to(tl.int64) * C * S
-    x = tl.load(x_ptr + base + off, mask=inb, other=0.0).to(tl.float32)
-    s_raw = tl.load(s_ptr + base + off, mask=inb, other=0.0).to(tl.float32)
-    t = tl.load(t_ptr + base + off, mask=inb, other=0.0).to(tl.float32)
-    gy = tl.load(gy_ptr + base + off, mask=inb, other=0.0).to(tl.float32)
+    b64 = b.to(tl.int64)
+    base = b64 * C * S
+    x = tl.load(x_ptr + b64 * x_bs + off, mask=inb, other=0.0).to(tl.float32)
+    s_raw = tl.load(s_ptr + b64 * s_bs + off, mask=inb, other=0.0).to(tl.float32)
+    t = tl.load(t_ptr + b64 * t_bs + off, mask=inb, other=0.0).to(tl.float32)
+    gy = tl.load(gy_ptr + b64 * gy_bs + off, mask=inb, other=0.0).to(tl.float32)
     gl = tl.load(gldj_ptr + b).to(tl.float32)
     if HAS_SCALE:
         sc = tl.load(scale_ptr + c, mask=cm, other=0.0).to(tl.float32)[:, None]
@@ -149,8 +154,8 @@ def _coupling_bwd_kernel(x_ptr, s_ptr, t_ptr, scale_ptr, mask_ptr, gy_ptr, gldj_
     else:
         gs = g_sm
     tl.store(gx_ptr + base + off, gx.to(gx_ptr.dtype.element_ty), mask=inb)
-    tl.store(gs_ptr + base + off, gs.to(gs_ptr.dtype.element_ty), mask=inb)
-    tl.store(gt_ptr + base + off, gt.to(gt_ptr.dtype.element_ty), mask=inb)
+    tl.store(gs_ptr + b64 * gst_bs + off, gs.to(gs_ptr.dtype.element_ty), mask=inb)
+    tl.store(gt_ptr + b64 * gst_bs + off, gt.to(gt_ptr.dtype.element_ty), mask=inb)
 
 
 def _geometry(x: torch.Tensor, checker_parity: int):
@@ -159,6 +164,31 @@ def _geometry(x: torch.Tensor, checker_parity: int):
     s = math.prod(x.shape[2:])
     w = x.shape[-1] if checker_parity >= 0 else 1
     return b, c, s, w
+
+
+def _plane_dense(x: torch.Tensor) -> bool:
+    """Each sample's (C, *S) plane is dense and row-major (any batch stride)."""
+    expected = 1
+    for size, stride in zip(reversed(x.shape[1:]), reversed(x.stride()[1:])):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _planes(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(x, its batch stride) when its planes are dense, else (a contiguous copy, C * S)."""
+    if not _plane_dense(x):
+        x = x.contiguous()
+    return x, x.stride(0) if x.shape[0] > 1 else math.prod(x.shape[1:])
+
+
+def _split_st(x, s, t):
+    """t None: s is the joint (B, 2C, *S) s/t tensor -> its two halves (views)."""
+    if t is None:
+        c = x.shape[1]
+        return s.narrow(1, 0, c), s.narrow(1, c, c)
+    return s, t
 
 
 def _mask_mode(mask, checker_parity: int) -> int:
@@ -170,9 +200,10 @@ def coupling_forward(x, s, t, scale, mask, checker_parity: int, reverse: bool, s
     """Launch the fused coupling: x, s, t (B, C, *S) fp32/bf16/fp16; scale None or (C,); mask None or (C, *S);
     checker_parity -1/0/1; sldj None or (B,) fp32. Returns (y (B, C, *S) in x.dtype, ldj_out (B,) fp32) with
     ldj_out = sldj + (+-sum s_m). One launch (plus a (B, tiles) partial sum when a sample spans several tiles)."""
-    x, s, t = x.contiguous(), s.contiguous(), t.contiguous()
+    s, t = _split_st(x, s, t)
+    (x, x_bs), (s, s_bs), (t, t_bs) = _planes(x), _planes(s), _planes(t)
     b, c, n_s, w = _geometry(x, checker_parity)
-    y = torch.empty_like(x)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if b == 0:
         return y, torch.zeros(0, dtype=torch.float32, device=x.device)
     block_c, block_s = tile_2d(c, n_s)
@@ -184,7 +215,7 @@ def coupling_forward(x, s, t, scale, mask, checker_parity: int, reverse: bool, s
     _coupling_fwd_kernel[grid](
         x, s, t, scale.contiguous() if scale is not None else x, mask.contiguous() if mode == 1 else x,
         sldj.contiguous() if sldj is not None else ldj, y, ldj,
-        c, n_s, w, max(checker_parity, 0),
+        c, n_s, w, max(checker_parity, 0), x_bs, s_bs, t_bs,
         HAS_SCALE=scale is not None, MASK_MODE=mode, REVERSE=bool(reverse), HAS_SLDJ=sldj is not None,
         ONE_TILE=one_tile, BLOCK_C=block_c, BLOCK_S=block_s, IDX64=wide_index(c * n_s),
         num_warps=num_warps_for(block_c * block_s))
@@ -198,22 +229,33 @@ def coupling_forward(x, s, t, scale, mask, checker_parity: int, reverse: bool, s
 @on_input_device
 def coupling_backward(grad_y, grad_ldj, x, s, t, scale, mask, checker_parity: int, reverse: bool):
     """Backward of :func:`coupling_forward` from its inputs: grad_y (B, C, *S), grad_ldj (B,) fp32 (the grad of
-    ldj_out; the grad of sldj is grad_ldj itself). Returns (grad_x, grad_s, grad_t, grad_scale (C,) fp32 or None).
+    ldj_out; the grad of sldj is grad_ldj itself). Returns (grad_x, grad_s, grad_t, grad_scale (C,) fp32 or None);
+    with t None (s joint), grad_s is the joint (B, 2C, *S) gradient and grad_t None.
     One launch; grad_scale is the sum of per-(sample, spatial tile) partials of shape (B * tiles, C)."""
-    x, s, t, grad_y = x.contiguous(), s.contiguous(), t.contiguous(), grad_y.contiguous()
+    joint = t is None
+    s, t = _split_st(x, s, t)
+    (x, x_bs), (s, s_bs), (t, t_bs), (grad_y, gy_bs) = _planes(x), _planes(s), _planes(t), _planes(grad_y)
     b, c, n_s, w = _geometry(x, checker_parity)
-    gx, gs, gt = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
+    gx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    # s and t gradients: the halves of one (B, 2C, *S) tensor (t None), else two contiguous tensors
+    if joint:
+        gst = torch.empty((b, 2 * c, *x.shape[2:]), dtype=x.dtype, device=x.device)
+        gs, gt = gst.narrow(1, 0, c), gst.narrow(1, c, c)
+    else:
+        gst, gs, gt = None, torch.empty_like(gx), torch.empty_like(gx)
+    gst_bs = 2 * c * n_s if joint else c * n_s
     block_c, block_s = tile_2d(c, n_s)
     grid = (b, triton.cdiv(c, block_c), triton.cdiv(n_s, block_s))
     if b == 0:
-        return gx, gs, gt, None if scale is None else torch.zeros(c, dtype=torch.float32, device=x.device)
+        return (gx, gst if joint else gs, None if joint else gt,
+                None if scale is None else torch.zeros(c, dtype=torch.float32, device=x.device))
     check_grid(grid, "coupling")
     gscale = None if scale is None else torch.empty((b * grid[2], c), dtype=torch.float32, device=x.device)
     mode = _mask_mode(mask, checker_parity)
     _coupling_bwd_kernel[grid](
         x, s, t, scale.contiguous() if scale is not None else x, mask.contiguous() if mode == 1 else x,
         grad_y, grad_ldj.contiguous(), gx, gs, gt, gscale if gscale is not None else gx,
-        c, n_s, w, max(checker_parity, 0),
+        c, n_s, w, max(checker_parity, 0), x_bs, s_bs, t_bs, gy_bs, gst_bs,
         HAS_SCALE=scale is not None, MASK_MODE=mode, REVERSE=bool(reverse),
         BLOCK_C=block_c, BLOCK_S=block_s, IDX64=wide_index(c * n_s), num_warps=num_warps_for(block_c * block_s))
-    return gx, gs, gt, None if gscale is None else gscale.sum(0)
+    return gx, gst if joint else gs, None if joint else gt, None if gscale is None else gscale.sum(0)

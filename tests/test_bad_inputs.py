@@ -56,6 +56,8 @@ CASES = [
     ("coupling s shape", lambda: F.affine_coupling(X4, X4[:1], X4), ValueError, "s"),
     ("coupling s list", lambda: F.affine_coupling(X4, [0.0], X4), TypeError, "s"),
     ("coupling t dtype", lambda: F.affine_coupling(X4, X4, X4.double()), TypeError, "t"),
+    ("coupling joint s shape", lambda: F.affine_coupling(X4, X4, None), ValueError, "s"),
+    ("coupling joint s dtype", lambda: F.affine_coupling(X4, torch.cat([X4, X4], 1).double(), None), TypeError, "s"),
     ("coupling scale length", lambda: F.affine_coupling(X4, X4, X4, scale=torch.ones(4)), ValueError, "scale"),
     ("coupling scale 2-D", lambda: F.affine_coupling(X4, X4, X4, scale=torch.ones(3, 2)), ValueError, "scale"),
     ("coupling scale int", lambda: F.affine_coupling(X4, X4, X4, scale=torch.ones(3, dtype=torch.long)), TypeError,

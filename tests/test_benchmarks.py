@@ -15,6 +15,7 @@ import torch
 from benchmarks import bench_ops, bench_train_step, common, report
 from benchmarks.baseline_original import OriginalFormulation, original_gmm_nll
 from flowgmm_fast.ops import reference as R
+from helpers import requires_native
 
 CPU = torch.device("cpu")
 
@@ -386,3 +387,19 @@ def test_invertible_a_later_file_adding_the_fused_policy_keeps_the_earlier_polic
     meta = {"device": "Fake CPU", "torch": "x", "git_commit": "0123456789", "date_utc": "now", "device_tag": "cpu-1t"}
     B.write_outputs(records + [time_fused], meta, tmp_path / "res" / "invertible_x.json", readme)
     assert "invertible: 1.20x (2 pairs: 1.10, 1.30; 2.00 s vs 2.40 s)" in readme.read_text()
+
+
+@requires_native
+def test_coupling_layer_benchmark_writes_paired_ratios(tmp_path, capsys):
+    from benchmarks import bench_coupling_layer
+
+    out = bench_coupling_layer.main(["--pairs", "3", "--inner", "1", "--batch", "2", "--out-dir", str(tmp_path)])
+    recs = {r["mask"]: r for r in out["records"]}
+    assert set(recs) == {"channel", "checkerboard"}
+    for r in recs.values():
+        assert len(r["ratios"]) == 3 and r["median_ratio"] == sorted(r["ratios"])[1] > 0
+        assert r["max_rel_err"] < 1e-4  # native and torch backends agree on y, ldj and every gradient
+    saved = common.load_results(out["path"])
+    assert saved["kind"] == "coupling_layer" and set(saved["summary"]) == {"channel", "checkerboard"}
+    assert bench_coupling_layer.main(["--profile", "--batch", "2", "--masks", "checkerboard"]) == {}
+    assert "flowgmm_native::coupling_bwd" in capsys.readouterr().out

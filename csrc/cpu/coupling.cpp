@@ -80,6 +80,13 @@ struct Args {
   int64_t n_seg;
   const int32_t* odd;                     // checkerboard, AVX-512 path: per pair of positions (see checker_pairs)
   Geometry g;
+  // batch strides (elements between samples; each sample's (C, S) plane is dense, see plane_dense in ops.h) of the
+  // inputs x, s, t, gy and the outputs gs, gt (y and gx are contiguous: C S)
+  int64_t xb, sb, tb, gyb, gsb, gtb;
+  int64_t gls;  // stride of gl (0 when expanded: the gradient of ldj_out.sum())
+
+  // element offset of row (b, c) in a tensor of batch stride bs
+  int64_t off(int64_t bs, int64_t b, int64_t c) const { return b * bs + c * g.S; }
 };
 
 // rows [begin, end) of the forward pass
@@ -91,7 +98,7 @@ inline __attribute__((always_inline)) void forward_range(const Args<scalar_t>& a
     const acc* sc = a.scale;
     const scalar_t* m = a.mask;
     for (int64_t b = begin; b < end; ++b) {
-      const scalar_t *xr = a.x + b * g.C, *sr = a.s + b * g.C, *tr = a.t + b * g.C;
+      const scalar_t *xr = a.x + b * a.xb, *sr = a.s + b * a.sb, *tr = a.t + b * a.tb;
       scalar_t* yr = a.y + b * g.C;
       double ldj = 0;
       for (int64_t k = 0; k < a.n_seg; ++k) {
@@ -117,9 +124,9 @@ inline __attribute__((always_inline)) void forward_range(const Args<scalar_t>& a
     const int64_t c = r % g.C;
     const acc sc = kScale ? a.scale[c] : acc(0);
     const scalar_t* mrow = kMode == kDense ? a.mask + c * a.mask_cstride : nullptr;
-    const int64_t o = r * g.S;
-    const scalar_t *xr = a.x + o, *sr = a.s + o, *tr = a.t + o;
-    scalar_t* yr = a.y + o;
+    const int64_t b = r / g.C;
+    const scalar_t *xr = a.x + a.off(a.xb, b, c), *sr = a.s + a.off(a.sb, b, c), *tr = a.t + a.off(a.tb, b, c);
+    scalar_t* yr = a.y + r * g.S;
     a.row_red[r] = static_cast<acc>(blocked_sum<acc>(0, g.S, [&](int64_t w) __attribute__((always_inline)) {
       acc s_m;
       const acc keep = kMode == kDense ? static_cast<acc>(mrow[w]) : acc(0);
@@ -139,11 +146,10 @@ inline __attribute__((always_inline)) void backward_range(const Args<scalar_t>& 
     const acc* sc = a.scale;
     const scalar_t* m = a.mask;
     for (int64_t b = begin; b < end; ++b) {
-      const int64_t o = b * g.C;
-      const scalar_t *gyr = a.gy + o, *xr = a.x + o, *sr = a.s + o, *tr = a.t + o;
-      scalar_t *gxr = a.gx + o, *gsr = a.gs + o, *gtr = a.gt + o;
+      const scalar_t *gyr = a.gy + b * a.gyb, *xr = a.x + b * a.xb, *sr = a.s + b * a.sb, *tr = a.t + b * a.tb;
+      scalar_t *gxr = a.gx + b * g.C, *gsr = a.gs + b * a.gsb, *gtr = a.gt + b * a.gtb;
       acc* red = a.row_red;  // this chunk's (C,) partial of the scale gradient (see run())
-      const acc glb = a.gl ? a.gl[b] : acc(0);
+      const acc glb = a.gl ? a.gl[b * a.gls] : acc(0);
       for (int64_t k = 0; k < a.n_seg; ++k) {
         const Segment sg = a.seg[k];
         if (!sg.compute) {  // kept features: y = x
@@ -171,11 +177,11 @@ inline __attribute__((always_inline)) void backward_range(const Args<scalar_t>& 
   for (int64_t r = begin; r < end; ++r) {
     const int64_t b = r / g.C, c = r % g.C;
     const acc sc = kScale ? a.scale[c] : acc(0);
-    const acc glb = a.gl ? a.gl[b] : acc(0);
+    const acc glb = a.gl ? a.gl[b * a.gls] : acc(0);
     const scalar_t* mrow = kMode == kDense ? a.mask + c * a.mask_cstride : nullptr;
-    const int64_t o = r * g.S;
-    const scalar_t *gyr = a.gy + o, *xr = a.x + o, *sr = a.s + o, *tr = a.t + o;
-    scalar_t *gxr = a.gx + o, *gsr = a.gs + o, *gtr = a.gt + o;
+    const scalar_t *gyr = a.gy + a.off(a.gyb, b, c), *xr = a.x + a.off(a.xb, b, c), *sr = a.s + a.off(a.sb, b, c),
+                   *tr = a.t + a.off(a.tb, b, c);
+    scalar_t *gxr = a.gx + r * g.S, *gsr = a.gs + a.off(a.gsb, b, c), *gtr = a.gt + a.off(a.gtb, b, c);
     const double gscale = blocked_sum<acc>(0, g.S, [&](int64_t w) __attribute__((always_inline)) {
       acc vx, vs, vt;
       const acc keep = kMode == kDense ? static_cast<acc>(mrow[w]) : acc(0);
@@ -312,10 +318,10 @@ void checker_forward_rows(const Args<float>& a, int64_t begin, int64_t end) {
   const int64_t nvec = (g.S / 2) / 16 * 16;  // pairs taken 16 at a time
   alignas(64) float xt[kPairBlock], st[kPairBlock], tt[kPairBlock], yt[kPairBlock];
   for (int64_t r = begin; r < end; ++r) {
-    const int64_t o = r * g.S;
-    const float sc = kScale ? a.scale[r % g.C] : 0.0f;
-    const float *xr = a.x + o, *sr = a.s + o, *tr = a.t + o;
-    float* yr = a.y + o;
+    const int64_t b = r / g.C, c = r % g.C;
+    const float sc = kScale ? a.scale[c] : 0.0f;
+    const float *xr = a.x + a.off(a.xb, b, c), *sr = a.s + a.off(a.sb, b, c), *tr = a.t + a.off(a.tb, b, c);
+    float* yr = a.y + r * g.S;
     double ldj = 0;  // the pair blocks' float partials added in double (see blocked_sum in ops.h)
     for (int64_t p0 = 0; p0 < nvec; p0 += kPairBlock) {
       const int64_t np = std::min(kPairBlock, nvec - p0);
@@ -348,11 +354,12 @@ void checker_backward_rows(const Args<float>& a, int64_t begin, int64_t end) {
   alignas(64) float gyt[kPairBlock], xt[kPairBlock], st[kPairBlock], tt[kPairBlock];
   alignas(64) float gxt[kPairBlock], gst[kPairBlock], gtt[kPairBlock];
   for (int64_t r = begin; r < end; ++r) {
-    const int64_t o = r * g.S, b = r / g.C;
-    const float sc = kScale ? a.scale[r % g.C] : 0.0f;
-    const float glb = a.gl ? a.gl[b] : 0.0f;
-    const float *gyr = a.gy + o, *xr = a.x + o, *sr = a.s + o, *tr = a.t + o;
-    float *gxr = a.gx + o, *gsr = a.gs + o, *gtr = a.gt + o;
+    const int64_t b = r / g.C, c = r % g.C;
+    const float sc = kScale ? a.scale[c] : 0.0f;
+    const float glb = a.gl ? a.gl[b * a.gls] : 0.0f;
+    const float *gyr = a.gy + a.off(a.gyb, b, c), *xr = a.x + a.off(a.xb, b, c), *sr = a.s + a.off(a.sb, b, c),
+                *tr = a.t + a.off(a.tb, b, c);
+    float *gxr = a.gx + r * g.S, *gsr = a.gs + a.off(a.gsb, b, c), *gtr = a.gt + a.off(a.gtb, b, c);
     double gscale = 0;
     for (int64_t p0 = 0; p0 < nvec; p0 += kPairBlock) {
       const int64_t np = std::min(kPairBlock, nvec - p0);
@@ -522,6 +529,9 @@ struct Inputs {
     a.x = x.data_ptr<scalar_t>();
     a.s = s.data_ptr<scalar_t>();
     a.t = t.data_ptr<scalar_t>();
+    a.xb = batch_stride(x);
+    a.sb = batch_stride(s);
+    a.tb = batch_stride(t);
     mask_c = mask_rows<scalar_t>(mask, parity, x);
     a.mask = mask_c.defined() ? mask_c.data_ptr<scalar_t>() : nullptr;
     a.mask_cstride = mask ? g.S : 0;
@@ -539,11 +549,11 @@ struct Inputs {
 
 std::tuple<Tensor, Tensor> coupling_fwd(const Tensor& x_, const Tensor& s_, const Tensor& t_, const OptTensor& scale,
                                         const OptTensor& mask, int64_t parity, bool reverse, const OptTensor& sldj) {
-  const Tensor x = x_.contiguous(), s = s_.contiguous(), t = t_.contiguous();
+  const Tensor x = dense_planes(x_), s = dense_planes(s_), t = dense_planes(t_);
   const Geometry g = geometry(x);
   const auto acc_t = acc_dtype(x.scalar_type());
   const auto out_t = ldj_dtype(x.scalar_type(), sldj ? sldj->scalar_type() : at::kFloat);
-  Tensor y = at::empty_like(x);
+  Tensor y = at::empty(x.sizes(), x.options());
   Tensor row_ldj = at::empty({g.B, g.S == 1 ? 1 : g.C}, x.options().dtype(acc_t));
   const Tensor scale_c = scale ? scale->to(acc_t).contiguous() : Tensor();
   const int mode = loop_mode(mask.has_value() || parity >= 0, g);
@@ -578,13 +588,14 @@ std::tuple<Tensor, Tensor> coupling_fwd(const Tensor& x_, const Tensor& s_, cons
 std::tuple<Tensor, Tensor, Tensor, Tensor> coupling_bwd(const Tensor& grad_y, const OptTensor& grad_sldj,
                                                         const Tensor& x_, const Tensor& s_, const Tensor& t_,
                                                         const OptTensor& scale, const OptTensor& mask, int64_t parity,
-                                                        bool reverse) {
-  const Tensor x = x_.contiguous(), s = s_.contiguous(), t = t_.contiguous();
-  const Tensor gy = grad_y.to(x.scalar_type()).contiguous();
+                                                        bool reverse, bool joint_st) {
+  const Tensor x = dense_planes(x_), s = dense_planes(s_), t = dense_planes(t_);
+  const Tensor gy = dense_planes(grad_y.to(x.scalar_type()));
   const Geometry g = geometry(x);
   const auto acc_t = acc_dtype(x.scalar_type());
-  const Tensor gl = grad_sldj ? grad_sldj->to(acc_t).contiguous() : Tensor();
-  Tensor gx = at::empty_like(x), gs = at::empty_like(x), gt = at::empty_like(x);
+  const Tensor gl = grad_sldj ? grad_sldj->to(acc_t) : Tensor();  // read at its stride
+  Tensor gx = at::empty(x.sizes(), x.options());
+  auto [gst, gs, gt] = coupling_st_grads(x, joint_st);
   const int mode = loop_mode(mask.has_value() || parity >= 0, g);
   // scale-gradient partials: one (C,) row per row block b (image mode: per sample b, written) or per chunk of samples
   // (vector mode: accumulated, so zeroed)
@@ -598,11 +609,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> coupling_bwd(const Tensor& grad_y, co
       using acc = at::opmath_type<scalar_t>;
       Args<scalar_t> a{};
       a.gy = gy.data_ptr<scalar_t>();
+      a.gyb = batch_stride(gy);
       a.gl = grad_sldj ? gl.data_ptr<acc>() : nullptr;
+      a.gls = grad_sldj ? gl.stride(0) : 0;
       const Inputs<scalar_t> in(a, x, s, t, scale_c, mask, parity, g);
       a.gx = gx.data_ptr<scalar_t>();
       a.gs = gs.data_ptr<scalar_t>();
       a.gt = gt.data_ptr<scalar_t>();
+      a.gsb = batch_stride(gs);
+      a.gtb = batch_stride(gt);
       a.row_red = scale ? row_gscale.data_ptr<acc>() : nullptr;
       run(false, a, scale.has_value(), reverse, mode);
     });
@@ -616,6 +631,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> coupling_bwd(const Tensor& grad_y, co
     }
     gscale = gscale.to(scale->scalar_type());
   }
+  if (joint_st) return {gx, gst, at::empty({0}, x.options()), gscale};
   return {gx, gs, gt, gscale};
 }
 

@@ -4,7 +4,9 @@
 // warp's sum of its sample's log-det terms goes to its own slot of a (B, column blocks * warps) partials buffer, summed
 // by ATen in a fixed order; backward, dL/dx, dL/ds, dL/dt are written once and each column's scale gradient, reduced in
 // registers over the sample chunk, goes to a (chunks, N) partials buffer, summed over chunks and the channel's
-// positions by ATen. Grid sized from the SM count; the tensor's device (guard) and its current stream.
+// positions by ATen. Grid sized from the SM count; the tensor's device (guard) and its current stream. Inputs whose
+// per-sample (C, S) planes are dense (the s/t net's `.chunk(2, 1)` views) are read in place at their batch strides;
+// with a joint s/t tensor the s and t gradients are the two halves of one (B, 2C, S) tensor (coupling_st_grads).
 #include "common.cuh"
 #include "flowgmm_math.h"
 #include "ops.h"
@@ -27,6 +29,8 @@ struct CouplingArgs {
   scalar_t *y, *gx, *gs, *gt;
   acc* red;  // forward: (B, gridDim.x * kWarps) log-det partials; backward: (gridDim.y, N) scale-gradient partials
   int64_t B, N, S, W, rows;
+  int64_t xb, sb, tb, gyb, gsb, gtb;  // batch strides (elements) of x, s, t, gy, gs, gt; y and gx: N
+  int64_t gls;                        // stride of gl (0 when expanded)
   int parity, mode;
   bool has_scale, reverse;
 };
@@ -56,7 +60,8 @@ __global__ void __launch_bounds__(kThreads) coupling_fwd_kernel(const CouplingAr
     acc s_m = 0;
     if (active) {
       const int64_t i = b * a.N + j;
-      const acc xv = static_cast<acc>(a.x[i]), sv = static_cast<acc>(a.s[i]), tv = static_cast<acc>(a.t[i]);
+      const acc xv = static_cast<acc>(a.x[b * a.xb + j]), sv = static_cast<acc>(a.s[b * a.sb + j]),
+                tv = static_cast<acc>(a.t[b * a.tb + j]);
       acc yv;
       if (a.has_scale) {
         yv = a.reverse ? math::coupling_forward<acc, true, true>(xv, sv, tv, sc, keep, s_m)
@@ -86,8 +91,9 @@ __global__ void __launch_bounds__(kThreads) coupling_bwd_kernel(const CouplingAr
   if (active) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t i = b * a.N + j;
-      const acc gy = static_cast<acc>(a.gy[i]), gl = a.gl ? a.gl[b] : acc(0);
-      const acc xv = static_cast<acc>(a.x[i]), sv = static_cast<acc>(a.s[i]), tv = static_cast<acc>(a.t[i]);
+      const acc gy = static_cast<acc>(a.gy[b * a.gyb + j]), gl = a.gl ? a.gl[b * a.gls] : acc(0);
+      const acc xv = static_cast<acc>(a.x[b * a.xb + j]), sv = static_cast<acc>(a.s[b * a.sb + j]),
+                tv = static_cast<acc>(a.t[b * a.tb + j]);
       acc gx, gs, gt;
       if (a.has_scale) {
         gscale += a.reverse ? math::coupling_backward<acc, true, true>(gy, gl, xv, sv, tv, sc, keep, gx, gs, gt)
@@ -98,8 +104,8 @@ __global__ void __launch_bounds__(kThreads) coupling_bwd_kernel(const CouplingAr
         math::coupling_backward<acc, false, false>(gy, gl, xv, sv, tv, sc, keep, gx, gs, gt);
       }
       a.gx[i] = static_cast<scalar_t>(gx);
-      a.gs[i] = static_cast<scalar_t>(gs);
-      a.gt[i] = static_cast<scalar_t>(gt);
+      a.gs[b * a.gsb + j] = static_cast<scalar_t>(gs);
+      a.gt[b * a.gtb + j] = static_cast<scalar_t>(gt);
     }
   }
   if (a.has_scale && active) a.red[static_cast<int64_t>(blockIdx.y) * a.N + j] = gscale;
@@ -113,6 +119,9 @@ CouplingArgs<scalar_t> make_args(const Tensor& x, const Tensor& s, const Tensor&
   a.x = x.data_ptr<scalar_t>();
   a.s = s.data_ptr<scalar_t>();
   a.t = t.data_ptr<scalar_t>();
+  a.xb = batch_stride(x);
+  a.sb = batch_stride(s);
+  a.tb = batch_stride(t);
   a.mask = mask_c.defined() ? mask_c.data_ptr<scalar_t>() : nullptr;
   a.scale = scale_c.defined() ? scale_c.data_ptr<acc>() : nullptr;
   a.B = x.size(0);
@@ -132,12 +141,12 @@ CouplingArgs<scalar_t> make_args(const Tensor& x, const Tensor& s, const Tensor&
 std::tuple<Tensor, Tensor> coupling_fwd(const Tensor& x_, const Tensor& s_, const Tensor& t_, const OptTensor& scale,
                                         const OptTensor& mask, int64_t parity, bool reverse, const OptTensor& sldj) {
   const c10::cuda::OptionalCUDAGuard guard(x_.device());
-  const Tensor x = x_.contiguous(), s = s_.contiguous(), t = t_.contiguous();
+  const Tensor x = dense_planes(x_), s = dense_planes(s_), t = dense_planes(t_);
   const auto acc_t = acc_dtype(x.scalar_type());
   const auto out_t = ldj_dtype(x.scalar_type(), sldj ? sldj->scalar_type() : at::kFloat);
   const Tensor scale_c = scale ? scale->to(acc_t).contiguous() : Tensor();
   const Tensor mask_c = mask ? mask->to(x.scalar_type()).contiguous() : Tensor();
-  Tensor y = at::empty_like(x);
+  Tensor y = at::empty(x.sizes(), x.options());
   Tensor ldj = at::zeros({x.size(0)}, x.options().dtype(acc_t));
   if (x.numel() > 0) {
     const auto layout = cuda_detail::column_grid(x.size(0), x.numel() / x.size(0));
@@ -164,15 +173,16 @@ std::tuple<Tensor, Tensor> coupling_fwd(const Tensor& x_, const Tensor& s_, cons
 std::tuple<Tensor, Tensor, Tensor, Tensor> coupling_bwd(const Tensor& grad_y, const OptTensor& grad_sldj,
                                                         const Tensor& x_, const Tensor& s_, const Tensor& t_,
                                                         const OptTensor& scale, const OptTensor& mask, int64_t parity,
-                                                        bool reverse) {
+                                                        bool reverse, bool joint_st) {
   const c10::cuda::OptionalCUDAGuard guard(x_.device());
-  const Tensor x = x_.contiguous(), s = s_.contiguous(), t = t_.contiguous();
-  const Tensor gy = grad_y.to(x.scalar_type()).contiguous();
+  const Tensor x = dense_planes(x_), s = dense_planes(s_), t = dense_planes(t_);
+  const Tensor gy = dense_planes(grad_y.to(x.scalar_type()));
   const auto acc_t = acc_dtype(x.scalar_type());
-  const Tensor gl = grad_sldj ? grad_sldj->to(acc_t).contiguous() : Tensor();
+  const Tensor gl = grad_sldj ? grad_sldj->to(acc_t) : Tensor();  // read at its stride
   const Tensor scale_c = scale ? scale->to(acc_t).contiguous() : Tensor();
   const Tensor mask_c = mask ? mask->to(x.scalar_type()).contiguous() : Tensor();
-  Tensor gx = at::empty_like(x), gs = at::empty_like(x), gt = at::empty_like(x);
+  Tensor gx = at::empty(x.sizes(), x.options());
+  auto [gst, gs, gt] = coupling_st_grads(x, joint_st);
   Tensor gscale = at::zeros({scale ? x.size(1) : 0}, x.options().dtype(acc_t));
   if (x.numel() > 0) {
     const int64_t B = x.size(0), N = x.numel() / B;
@@ -184,10 +194,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> coupling_bwd(const Tensor& grad_y, co
       using acc = at::opmath_type<scalar_t>;
       auto a = make_args<scalar_t>(x, s, t, scale_c, mask_c, parity, reverse);
       a.gy = gy.data_ptr<scalar_t>();
+      a.gyb = batch_stride(gy);
       a.gl = gl.defined() ? gl.data_ptr<acc>() : nullptr;
+      a.gls = gl.defined() ? gl.stride(0) : 0;
       a.gx = gx.data_ptr<scalar_t>();
       a.gs = gs.data_ptr<scalar_t>();
       a.gt = gt.data_ptr<scalar_t>();
+      a.gsb = batch_stride(gs);
+      a.gtb = batch_stride(gt);
       a.red = scale ? part.data_ptr<acc>() : nullptr;
       a.rows = rows;
       coupling_bwd_kernel<scalar_t><<<grid, kThreads, 0, cuda_detail::stream()>>>(a);
@@ -195,7 +209,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> coupling_bwd(const Tensor& grad_y, co
     });
     if (scale) gscale = part.sum(0).view({x.size(1), N / x.size(1)}).sum(1);
   }
-  return {gx, gs, gt, scale ? gscale.to(scale->scalar_type()) : at::empty({0}, x.options())};
+  const Tensor gscale_out = scale ? gscale.to(scale->scalar_type()) : at::empty({0}, x.options());
+  if (joint_st) return {gx, gst, at::empty({0}, x.options()), gscale_out};
+  return {gx, gs, gt, gscale_out};
 }
 
 }  // namespace cuda

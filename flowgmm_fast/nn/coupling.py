@@ -76,15 +76,21 @@ class AffineCoupling(Flow):
             keep = (torch.arange(channels) < channels // 2).float()
             self.register_buffer("mask", 1 - keep if reverse_mask else keep, persistent=False)
 
-    def st(self, cond: torch.Tensor):
-        """(s, t) from the conditioning input (:meth:`conditioning`), each (B, transformed channels, ...)."""
+    def st_joint(self, cond: torch.Tensor) -> torch.Tensor:
+        """The s/t net's output for the conditioning input (:meth:`conditioning`): (B, 2 * transformed channels, ...),
+        s then t on dim 1. :meth:`couple` takes it whole (``t=None``), so its gradient comes back as one tensor."""
         n_out = self.channels // 2 if self.mask_type == "channel" else self.channels
         st = self.st_net(cond)
         if st.shape[1] != 2 * n_out:
             raise ValueError(f"st_net must return {2 * n_out} channels (s and t for {n_out}) on dim 1, "
                              f"got shape {tuple(st.shape)}")
         # under autocast the s/t net runs in bf16/fp16; the coupling itself stays in the flow's dtype
-        return st.to(cond.dtype).chunk(2, dim=1)
+        return st.to(cond.dtype)
+
+    def st(self, cond: torch.Tensor):
+        """(s, t) from the conditioning input (:meth:`conditioning`), each (B, transformed channels, ...): the two
+        halves (views) of :meth:`st_joint`."""
+        return self.st_joint(cond).chunk(2, dim=1)
 
     def conditioning(self, x: torch.Tensor) -> torch.Tensor:
         """The s/t net's input: x * b (checkerboard, half) or the conditioning half of the channels. It reads only
@@ -95,21 +101,22 @@ class AffineCoupling(Flow):
             return x * self.mask.to(x.dtype)
         return x.chunk(2, dim=1)[0 if self.reverse_mask else 1]
 
-    def couple(self, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor, reverse: bool = False,
+    def couple(self, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor | None = None, reverse: bool = False,
                sldj: torch.Tensor | None = None):
-        """The fused coupling of x with given (s, t): ``(y, sldj)`` (``reverse``: the inverse)."""
+        """The fused coupling of x with given (s, t) (:meth:`st`), or with t None and s the joint s/t tensor
+        (:meth:`st_joint`): ``(y, sldj)`` (``reverse``: the inverse)."""
         scale = self.rescale.scale
         if self.mask_type == "checkerboard":
             return F.affine_coupling(x, s, t, scale, F.checkerboard(int(self.reverse_mask)), reverse, sldj)
         if self.mask_type == "half":
             return F.affine_coupling(x, s, t, scale, self.mask, reverse, sldj)  # the buffer: its values checked once
-        if self.reverse_mask:
-            x_id, x_change = x.chunk(2, dim=1)
-        else:
-            x_change, x_id = x.chunk(2, dim=1)
-        x_change, sldj = F.affine_coupling(x_change, s, t, scale, None, reverse, sldj)
-        parts = (x_id, x_change) if self.reverse_mask else (x_change, x_id)
-        return torch.cat(parts, dim=1), sldj
+        return self._couple_halves(x.chunk(2, dim=1), s, t, reverse, sldj)
+
+    def _couple_halves(self, halves, s, t, reverse, sldj):
+        """The channel coupling of x given as its two halves (``x.chunk(2, 1)``, views the kernels read in place)."""
+        x_id, x_change = halves if self.reverse_mask else halves[::-1]
+        y_change, sldj = F.affine_coupling(x_change, s, t, self.rescale.scale, None, reverse, sldj)
+        return torch.cat((x_id, y_change) if self.reverse_mask else (y_change, x_id), dim=1), sldj
 
     def forward(self, x, sldj=None, reverse=False):
         if not isinstance(x, torch.Tensor):
@@ -119,8 +126,13 @@ class AffineCoupling(Flow):
             layout = f"(B, {self.channels})" if dims == 2 else f"(B, {self.channels}, H, W)"
             raise ValueError(f"AffineCoupling({self.channels}, {self.mask_type!r}) expects x of shape {layout}, "
                              f"got {tuple(x.shape)}")
-        s, t = self.st(self.conditioning(x))
-        return self.couple(x, s, t, reverse, sldj)
+        if self.mask_type == "channel":
+            # one chunk of x for the conditioning half and the coupling: chunk's backward then joins the two halves'
+            # gradients once (two chunks would each concatenate a full-size gradient, one of them half zeros)
+            halves = x.chunk(2, dim=1)
+            st = self.st_joint(halves[0 if self.reverse_mask else 1])
+            return self._couple_halves(halves, st, None, reverse, sldj)
+        return self.couple(x, self.st_joint(self.conditioning(x)), None, reverse, sldj)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, mask_type={self.mask_type!r}, reverse_mask={self.reverse_mask}"

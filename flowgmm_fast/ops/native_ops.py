@@ -129,8 +129,9 @@ if _IMPORT_ERROR is None:
 
     @torch.library.register_fake("flowgmm_native::coupling_bwd")
     def _(grad_y, grad_sldj, x, s, t, scale, mask, checker_parity, reverse):
+        # without t, s is the joint (B, 2C, *S) s/t tensor: its gradient is one tensor of its shape, t's is (0,)
         gscale = _empty((x.shape[1],), x, scale.dtype) if scale is not None else _empty((0,), x)
-        return _empty(x.shape, x), _empty(x.shape, x), _empty(x.shape, x), gscale
+        return _empty(x.shape, x), _empty(s.shape, x), _empty(x.shape if t is not None else (0,), x), gscale
 
     # ------------------------------------------------------------------------------------------------- squeeze
     @torch.library.register_fake("flowgmm_native::squeeze2x2")
@@ -166,7 +167,9 @@ if _IMPORT_ERROR is None:
 
 
 def affine_coupling(x, s, t, scale, mask, checker_parity, reverse, sldj):
-    """(y (B, C, *S) like x, sldj_out (B,)): one fused pass; see reference.affine_coupling for the semantics."""
+    """(y (B, C, *S) like x, sldj_out (B,)): one fused pass; see reference.affine_coupling for the semantics.
+    s, t and x are read in place when each sample's (C, *S) plane is dense (e.g. ``.chunk(2, 1)`` views); t=None: s
+    is the joint (B, 2C, *S) s/t tensor, whose gradient then comes back as one tensor (no concatenation)."""
     _check_device(x)
     return _ops.coupling_fwd(x, s, t, scale, mask, checker_parity, reverse, sldj)
 

@@ -4,7 +4,8 @@ These functions take the *normalised* arguments that :mod:`flowgmm_fast.function
 backend module (``triton_ops``, ``native_ops``) implements exactly these signatures and semantics:
 
 ``affine_coupling(x, s, t, scale, mask, checker_parity, reverse, sldj) -> (y, sldj_out)``
-    x, s, t: (B, C, *S) with the same shape, dtype and device (any strides).
+    x, s, t: (B, C, *S) with the same shape, dtype and device (any strides); or t None and s (B, 2C, *S), the s/t
+        net's output holding s then t on dim 1 (s, t = s.chunk(2, 1)).
     scale: None or (C,) -- s_eff = scale[c] * tanh(s) when given, else s_eff = s.
     mask: None or a 0/1 tensor of shape x.shape[1:] (dtype of x), 1 = kept (conditioning) position.
     checker_parity: -1 (no checkerboard) or 0/1 for a 4-D x: the mask is b[h, w] = (h + w + parity) % 2, computed
@@ -91,6 +92,8 @@ class _Tanh(torch.autograd.Function):
 
 
 def affine_coupling(x, s, t, scale, mask, checker_parity, reverse, sldj, *, upcast: bool = True):
+    if t is None:
+        s, t = s.chunk(2, dim=1)
     cdt = _compute_dtype(x.dtype, upcast)
     xc, sc, tc = x.to(cdt), s.to(cdt), t.to(cdt)
     if scale is not None:

@@ -65,9 +65,10 @@ def _f32(n: int, like: Tensor) -> Tensor:
 
 
 @torch.library.custom_op(f"{_NS}::coupling_fwd", mutates_args=())
-def coupling_fwd(x: Tensor, s: Tensor, t: Tensor, scale: Optional[Tensor], mask: Optional[Tensor],
+def coupling_fwd(x: Tensor, s: Tensor, t: Optional[Tensor], scale: Optional[Tensor], mask: Optional[Tensor],
                  checker_parity: int, reverse: bool, sldj: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """(y (B, C, *S) like x, ldj_out (B,) fp32 = sldj + (+-sum s_m)); see kernels/coupling.py."""
+    """(y (B, C, *S) like x, ldj_out (B,) fp32 = sldj + (+-sum s_m)); t None: s is the joint (B, 2C, *S) s/t
+    tensor; see kernels/coupling.py."""
     return _coupling.coupling_forward(x, s, t, scale, mask, checker_parity, reverse, sldj)
 
 
@@ -77,17 +78,21 @@ def _(x, s, t, scale, mask, checker_parity, reverse, sldj):
 
 
 @torch.library.custom_op(f"{_NS}::coupling_bwd", mutates_args=())
-def coupling_bwd(grad_y: Tensor, grad_ldj: Tensor, x: Tensor, s: Tensor, t: Tensor, scale: Optional[Tensor],
+def coupling_bwd(grad_y: Tensor, grad_ldj: Tensor, x: Tensor, s: Tensor, t: Optional[Tensor], scale: Optional[Tensor],
                  mask: Optional[Tensor], checker_parity: int, reverse: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(grad_x, grad_s, grad_t, grad_scale (C,) fp32, or (0,) when scale is None)."""
+    """(grad_x, grad_s, grad_t, grad_scale (C,) fp32, or (0,) when scale is None); t None: grad_s is the joint
+    (B, 2C, *S) gradient and grad_t (0,)."""
     gx, gs, gt, gscale = _coupling.coupling_backward(grad_y, grad_ldj, x, s, t, scale, mask, checker_parity, reverse)
-    return gx, gs, gt, gscale if gscale is not None else x.new_empty((0,), dtype=torch.float32)
+    return (gx, gs, gt if gt is not None else x.new_empty((0,)),
+            gscale if gscale is not None else x.new_empty((0,), dtype=torch.float32))
 
 
 @coupling_bwd.register_fake
 def _(grad_y, grad_ldj, x, s, t, scale, mask, checker_parity, reverse):
-    like = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(3)]
-    return (*like, _f32(x.shape[1] if scale is not None else 0, x))
+    gx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    gs = x.new_empty(s.shape)
+    gt = torch.empty_like(gx) if t is not None else x.new_empty((0,))
+    return gx, gs, gt, _f32(x.shape[1] if scale is not None else 0, x)
 
 
 def _requires_grad(*tensors) -> bool:
@@ -106,7 +111,7 @@ def _coupling_backward(ctx, grad_y, grad_ldj):
     x, s, t, scale, mask = ctx.saved_tensors
     gx, gs, gt, gscale = coupling_bwd(grad_y, grad_ldj, x, s, t, scale, mask, ctx.checker_parity, ctx.reverse)
     gscale = gscale.to(scale.dtype) if scale is not None else None
-    return gx, gs, gt, gscale, None, None, None, grad_ldj if ctx.has_sldj else None
+    return gx, gs, gt if t is not None else None, gscale, None, None, None, grad_ldj if ctx.has_sldj else None
 
 
 coupling_fwd.register_autograd(_coupling_backward, setup_context=_coupling_setup)
@@ -114,7 +119,8 @@ coupling_fwd.register_autograd(_coupling_backward, setup_context=_coupling_setup
 
 def affine_coupling(x, s, t, scale, mask, checker_parity, reverse, sldj):
     """Fused affine coupling (normalised signature of :func:`flowgmm_fast.ops.reference.affine_coupling`).
-    x, s, t: (B, C, *S); one kernel launch per direction. float64 x runs the reference."""
+    x, s, t: (B, C, *S) (t None: s is the joint (B, 2C, *S) s/t tensor); views with dense per-sample planes are read
+    in place; one kernel launch per direction. float64 x runs the reference."""
     if x.dtype == torch.float64:
         return reference.affine_coupling(x, s, t, scale, mask, checker_parity, reverse, sldj)
     if sldj is not None and sldj.dtype == torch.float64:
