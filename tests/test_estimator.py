@@ -245,23 +245,30 @@ def test_equal_label_weight_is_the_batch_over_labeled_ratio():
         FlowGMMClassifier(label_weight="joint", **FAST).fit(x, ys)
 
 
-def test_graph_step_spreads_the_flows_posteriors_and_can_be_turned_off():
+def test_graph_step_spreads_the_flows_posteriors_and_fit_graph_adds_it_without_retraining():
     x, y = _blobs(n=200)
     ys = _semi(y)
-    graph = FlowGMMClassifier(**FAST).fit(x, ys)
-    plain = FlowGMMClassifier(**{**FAST, "n_neighbors": 0}).fit(x, ys)
+    plain = FlowGMMClassifier(**FAST).fit(x, ys)
+    graph = FlowGMMClassifier(**{**FAST, "n_neighbors": 7}).fit(x, ys)
     assert plain.spreading_ is None and graph.spreading_ is not None
-    # the training does not depend on the graph; n_neighbors=0 predicts with the flow's own posteriors
+    # the training does not depend on the graph; n_neighbors=0 (the default) predicts with the flow's posteriors
     np.testing.assert_array_equal(graph.flow_proba(x), plain.flow_proba(x))
     np.testing.assert_array_equal(plain.predict_proba(x), plain.flow_proba(x))
     proba = graph.predict_proba(x)
     assert not np.allclose(proba, graph.flow_proba(x))
-    z = graph.preprocessor_.transform(x)
-    np.testing.assert_array_equal(proba, graph.spreading_.predict_proba(z))
+    np.testing.assert_array_equal(proba, graph.spreading_.predict_proba(graph.preprocessor_.transform(x)))
     np.testing.assert_allclose(proba.sum(1), 1.0)
     # the start is the flow's posterior over the training rows, the labeled rows clamped to their labels
     lab = ys >= 0
     assert (graph.spreading_.distributions_[lab].argmax(1) == ys[lab]).all()
+    # fit_graph on the plain model gives exactly the n_neighbors=7 model; n_neighbors=0 removes it again
+    np.testing.assert_array_equal(plain.set_params(n_neighbors=7).fit_graph(x, ys).predict_proba(x), proba)
+    np.testing.assert_array_equal(plain.set_params(n_neighbors=0).fit_graph(x, ys).predict_proba(x),
+                                  plain.flow_proba(x))
+    with pytest.raises(ValueError, match="not fitted on"):
+        plain.fit_graph(x, np.where(ys == 2, 5, ys))
+    with pytest.raises(ValueError, match="one entry per row"):
+        plain.fit_graph(x, ys[:-1])
     for bad in ({"n_neighbors": -1}, {"spreading_alpha": 1.0}, {"spreading_start": -0.5}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             FlowGMMClassifier(**{**FAST, **bad}).fit(x, ys)
