@@ -489,7 +489,9 @@ class FlowGMMClassifier(ClassifierMixin, BaseEstimator):
             "feature_names_in": (self.feature_names_in_.tolist() if hasattr(self, "feature_names_in_") else None),
             "member": self._member_spec(), "n_members": len(self.estimators_), "n_iter": list(self.n_iter_),
             "class_prior": self.class_prior_.tolist(), "fit_time_s": round(float(self.fit_time_), 3),
-            "spreading": self.spreading_ is not None,
+            "spreading": (None if self.spreading_ is None else
+                          {"n_neighbors": self.spreading_.n_neighbors, "alpha": self.spreading_.alpha,
+                           "start_weight": self.spreading_.start_weight}),
         }
         tensors = {f"preprocessor.{k}": torch.from_numpy(np.ascontiguousarray(v))
                    for k, v in self.preprocessor_.state().items()}
@@ -583,10 +585,10 @@ class FlowGMMClassifier(ClassifierMixin, BaseEstimator):
         self.class_prior_ = np.asarray(config["class_prior"])
         self.fit_time_ = float(config.get("fit_time_s", 0.0))
         self.spreading_ = None
-        if config.get("spreading"):
+        if config.get("spreading"):  # the parameters the graph was built with, which set_params may have changed
             self.spreading_ = KNNSpreading.from_state(
                 {k.split(".", 1)[1]: v.numpy() for k, v in tensors.items() if k.startswith("spreading.")},
-                **self._spreading_params())
+                **config["spreading"])
 
     # pickle / joblib / deepcopy: the flows hold weight-normalised (parametrized) layers, which torch serialises
     # through state dicts only, so the fitted state goes through the same path as save/load.

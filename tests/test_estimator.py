@@ -265,6 +265,9 @@ def test_graph_step_spreads_the_flows_posteriors_and_fit_graph_adds_it_without_r
     np.testing.assert_array_equal(plain.set_params(n_neighbors=7).fit_graph(x, ys).predict_proba(x), proba)
     np.testing.assert_array_equal(plain.set_params(n_neighbors=0).fit_graph(x, ys).predict_proba(x),
                                   plain.flow_proba(x))
+    # the graph travels with the model (pickle and save/load share one path), with the k it was built with
+    graph.set_params(n_neighbors=3)
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(graph)).predict_proba(x), proba)
     with pytest.raises(ValueError, match="not fitted on"):
         plain.fit_graph(x, np.where(ys == 2, 5, ys))
     with pytest.raises(ValueError, match="one entry per row"):
