@@ -258,8 +258,7 @@ class FlowGMMClassifier(ClassifierMixin, BaseEstimator):
             raise ValueError(f"y holds labeled rows of a single class ({classes.tolist()[0]!r}); "
                              "FlowGMMClassifier needs labeled rows of at least 2 classes")
         self.classes_ = classes
-        codes = np.full(y.shape[0], -1, np.int64)
-        codes[~unl] = np.searchsorted(classes, y_lab)
+        codes = self._label_codes(y, unl)
         fixed_prior = self._fixed_prior(classes)
         device = _resolve_device(self.device)
         rng = np.random.RandomState(self.random_state) if not isinstance(self.random_state, np.random.RandomState) \
@@ -401,15 +400,17 @@ class FlowGMMClassifier(ClassifierMixin, BaseEstimator):
         y = np.asarray(y)
         if y.shape != (z.shape[0],):
             raise ValueError(f"y must have shape ({z.shape[0]},) (one entry per row of X), got {y.shape}")
-        unl = unlabeled_mask(y)
-        codes = np.full(y.shape[0], -1, np.int64)
-        if (~unl).any():
-            known = np.isin(y[~unl], self.classes_)
-            if not known.all():
-                raise ValueError(f"y holds labels the model was not fitted on: {np.unique(y[~unl][~known]).tolist()!r}")
-            codes[~unl] = np.searchsorted(self.classes_, y[~unl])
-        self._build_graph(z, codes)
+        self._build_graph(z, self._label_codes(y, unlabeled_mask(y)))
         return self
+
+    def _label_codes(self, y: np.ndarray, unl: np.ndarray) -> np.ndarray:
+        """(n,) int64: the index in ``classes_`` of each labeled entry of ``y``, -1 where ``unl``."""
+        codes = np.full(y.shape[0], -1, np.int64)
+        known = np.isin(y[~unl], self.classes_)
+        if not known.all():
+            raise ValueError(f"y holds labels the model was not fitted on: {np.unique(y[~unl][~known]).tolist()!r}")
+        codes[~unl] = np.searchsorted(self.classes_, y[~unl])
+        return codes
 
     def _spreading_params(self) -> dict:
         return {"n_neighbors": int(self.n_neighbors), "alpha": float(self.spreading_alpha),

@@ -17,18 +17,19 @@ import numbers
 
 import numpy as np
 
+from .nn._checks import check_int
+
 __all__ = ["KNNSpreading"]
 
 
-def _check(name, value, lo, hi, lo_closed=True, hi_closed=False, integral=False):
-    kind = numbers.Integral if integral else numbers.Real
-    if isinstance(value, bool) or not isinstance(value, kind) or not np.isfinite(value):
-        raise TypeError(f"{name} must be {'an int' if integral else 'a finite number'}, got {value!r}")
-    above = hi is not None and (value > hi or (value == hi and not hi_closed))
-    if value < lo or (value == lo and not lo_closed) or above:
-        lo_s = "[" if lo_closed else "("
-        hi_s = "]" if hi_closed else ")"
-        raise ValueError(f"{name} must be in {lo_s}{lo}, {hi if hi is not None else 'inf'}{hi_s}, got {value!r}")
+def _check_real(name, value, lo, hi=None, lo_closed=True):
+    """``value`` as a finite float in [lo, hi) (``(lo, hi)`` without ``lo_closed``; no upper bound when hi is None)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value):
+        raise TypeError(f"{name} must be a finite number, got {value!r}")
+    if value < lo or (value == lo and not lo_closed) or (hi is not None and value >= hi):
+        raise ValueError(f"{name} must be in {'[' if lo_closed else '('}{lo}, {hi if hi is not None else 'inf'}), "
+                         f"got {value!r}")
+    return float(value)
 
 
 class KNNSpreading:
@@ -43,13 +44,11 @@ class KNNSpreading:
 
     def __init__(self, n_neighbors: int = 7, alpha: float = 0.9, start_weight: float = 0.05, max_iter: int = 1000,
                  tol: float = 1e-6):
-        _check("n_neighbors", n_neighbors, 1, None, integral=True)
-        _check("alpha", alpha, 0.0, 1.0)
-        _check("start_weight", start_weight, 0.0, None)
-        _check("max_iter", max_iter, 1, None, integral=True)
-        _check("tol", tol, 0.0, None, lo_closed=False)
-        self.n_neighbors, self.alpha, self.start_weight = int(n_neighbors), float(alpha), float(start_weight)
-        self.max_iter, self.tol = int(max_iter), float(tol)
+        self.n_neighbors = check_int("n_neighbors", n_neighbors, 1)
+        self.alpha = _check_real("alpha", alpha, 0.0, 1.0)
+        self.start_weight = _check_real("start_weight", start_weight, 0.0)
+        self.max_iter = check_int("max_iter", max_iter, 1)
+        self.tol = _check_real("tol", tol, 0.0, lo_closed=False)
 
     def _index(self):
         from sklearn.neighbors import NearestNeighbors
