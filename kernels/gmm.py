@@ -223,7 +223,11 @@ def _gmm_bwd_params_kernel(z_ptr, c_ptr, g_ptr, a_ptr, a2_ptr, B, K, D, rows_per
 def _config(b: int, k: int, diag: bool, device: torch.device, d: int) -> dict:
     """Block sizes, warps and dot precision. The largest BLOCK_B of each K (fp32 (B, K) tiles of <= 1024) was chosen so
     no kernel spills registers on sm_90 (cuobjdump of the compiled cubins; K = 100 diagonal spills a little in the
-    forward); BLOCK_B halves (down to 16, tl.dot's minimum) while there are fewer than 2 row blocks per SM."""
+    forward); BLOCK_B halves (down to 16, tl.dot's minimum) while there are fewer than 2 row blocks per SM.
+
+    Warps follow the (BLOCK_B, BLOCK_K) tile (``_num_warps``): a tensor-core MMA instruction covers a 16 x 8 block of
+    it per warp, so 8 warps on a 16 x 16 tile (what K <= 16 at B = 4096 on 132 SMs used to get) ran the same MMAs
+    eight times over; smaller programs also leave room for more of them per SM."""
     if k > MAX_COMPONENTS:
         raise ValueError(f"the triton GMM kernels support at most {MAX_COMPONENTS} components, got K = {k}")
     block_k = max(16, next_pow2(k))
@@ -232,7 +236,22 @@ def _config(b: int, k: int, diag: bool, device: torch.device, d: int) -> dict:
         while block_b > 16 and triton.cdiv(b, block_b) < 2 * _sm_count(_index(device)):
             block_b //= 2
     return dict(BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_D=32, PRECISION=_dot_precision(device),
-                IDX64=wide_index(block_k * d, d + 32), num_warps=8)
+                IDX64=wide_index(block_k * d, d + 32), num_warps=_num_warps(block_b, block_k))
+
+
+def _num_warps(block_b: int, block_k: int) -> int:
+    """One warp per 128 elements of the (BLOCK_B, BLOCK_K) fp32 accumulator tile (two 16 x 8 MMA blocks, 4 registers
+    per thread per accumulator), between 2 and 8: 16 x 16 -> 2, 32 x 16 -> 4, 64 x 16 and 16 x 128 -> 8."""
+    return max(2, min(8, block_b * block_k // 128))
+
+
+def _param_splits(row_blocks: int, n_d: int, device: torch.device) -> int:
+    """Row splits of the parameter-gradient kernel, whose grid is (n_d column blocks, splits). On CUDA at least four
+    programs per SM (when the rows allow), so the last partial wave idles at most a fifth of the GPU: the earlier fixed
+    256 programs gave 2 x 96 = 192 programs on an H200's 132 SMs at D = 3072 (a second wave 45% full). Elsewhere (the
+    interpreter) 256 programs in all."""
+    target = 4 * _sm_count(_index(device)) if device.type == "cuda" else 256
+    return max(1, min(row_blocks, triton.cdiv(target, n_d)))
 
 
 def _index(device: torch.device) -> int:
@@ -304,7 +323,7 @@ def gmm_backward(grad_nll, grad_logits, z, means, log_std, weight_logits, labels
     col = g.sum(0)
     block_b, n_d = cfg["BLOCK_B"], triton.cdiv(d, cfg["BLOCK_D"])
     row_blocks = triton.cdiv(b, block_b)
-    splits = max(1, min(row_blocks, 256 // n_d))
+    splits = _param_splits(row_blocks, n_d, z.device)
     rows_per_split = max(1, triton.cdiv(row_blocks, splits)) * block_b
     splits = max(1, triton.cdiv(b, rows_per_split))
     alloc = torch.empty if b > 0 else torch.zeros  # every (split, k, d) is written by the kernel when b > 0

@@ -111,3 +111,25 @@ def test_grid_limit_is_a_clear_error():
     _common.check_grid((10 ** 6, 65535, 1), "coupling")
     with pytest.raises(ValueError, match="grid axis 2"):
         _common.check_grid((1, 1, 65536), "coupling")
+
+
+def test_gmm_launch_geometry_on_an_h200_sized_gpu(monkeypatch):
+    """The GMM launch rules at the issue's sizes with 132 SMs (an H200), checked without a GPU: warps follow the
+    accumulator tile (no 8 warps repeating the MMAs of a 16 x 16 tile) and the parameter-gradient grid has at least
+    four programs per SM when the rows allow it."""
+    monkeypatch.setattr(gmm, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(gmm, "_tf32_capable", lambda index: True)
+    cuda = torch.device("cuda", 0)
+    cfg = gmm._config(4096, 10, False, cuda, 3072)
+    assert (cfg["BLOCK_B"], cfg["BLOCK_K"], cfg["num_warps"]) == (16, 16, 2)
+    assert cfg["PRECISION"] == "tf32x3"
+    assert gmm._config(100_000, 10, False, cuda, 8)["BLOCK_B"] == 64
+    assert gmm._config(100_000, 10, False, cuda, 8)["num_warps"] == 8
+    assert gmm._config(4096, 100, True, cuda, 3072)["num_warps"] == 8  # 16 x 128
+    assert gmm._config(4096, 32, False, cuda, 3072)["num_warps"] == 4  # 16 x 32 after halving
+    n_d = triton.cdiv(3072, 32)
+    splits = gmm._param_splits(4096 // 16, n_d, cuda)
+    assert n_d * splits >= 4 * 132 and splits == 6
+    assert gmm._param_splits(3, n_d, cuda) == 3  # never more splits than row blocks
+    assert gmm._param_splits(1000, 1, torch.device("cpu")) == 256
+    assert [gmm._num_warps(b, k) for b, k in ((16, 16), (32, 16), (64, 16), (16, 128), (64, 128))] == [2, 4, 8, 8, 8]

@@ -474,7 +474,16 @@ def compile_every_kernel_for_sm90() -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    for fn, constexprs in _kernel_specs():
+    from flowgmm_fast.kernels import gmm
+
+    small = dict(DIAG=False, BLOCK_K=16, BLOCK_D=32, PRECISION="tf32x3", IDX64=False)
+    specs = [(fn, constexprs, 8) for fn, constexprs in _kernel_specs()]
+    for block_b in (16, 32):  # the GMM launches with fewer warps (gmm._num_warps: 2 and 4) must compile too
+        warps = gmm._num_warps(block_b, 16)
+        specs += [(gmm._gmm_fwd_kernel, dict(small, BLOCK_B=block_b, HAS_WL=True, HAS_LABELS=True), warps),
+                  (gmm._gmm_bwd_z_kernel, dict(small, BLOCK_B=block_b, HAS_LABELS=True, HAS_GLOGITS=True), warps),
+                  (gmm._gmm_bwd_params_kernel, dict(small, BLOCK_B=block_b), warps)]
+    for fn, constexprs, num_warps in specs:
         signature = {}
         for param in fn.params:
             name = param.name
@@ -488,7 +497,7 @@ def compile_every_kernel_for_sm90() -> None:
             else:
                 signature[name] = "fp32" if name in ("alpha", "label_weight", "log_k") else "i32"
         compiled = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32),
-                                  options=dict(num_warps=8))
+                                  options=dict(num_warps=num_warps))
         assert compiled.asm["cubin"], fn.__name__
 
 
