@@ -62,6 +62,19 @@ def _tile_index(pc, ps, C, S, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, IDX6
 
 
 @triton.jit
+def _coupling_y(x, s_eff, t, free, HAS_MASK: tl.constexpr, REVERSE: tl.constexpr):
+    """(y, s_m) of the forward from fp32 tiles of x, s_eff, t and the broadcastable free mask (1.0 when absent)."""
+    if HAS_MASK:
+        s_eff = s_eff * free
+        t = t * free
+    if REVERSE:
+        y = x * tl.exp(-s_eff) - t
+    else:
+        y = (x + t) * tl.exp(s_eff)
+    return y, s_eff
+
+
+@triton.jit
 def _coupling_fwd_kernel(x_ptr, s_ptr, t_ptr, scale_ptr, mask_ptr, sldj_ptr, y_ptr, ldj_ptr,
                          C, S, W, parity, x_bs, s_bs, t_bs,
                          HAS_SCALE: tl.constexpr, MASK_MODE: tl.constexpr, REVERSE: tl.constexpr,
@@ -83,14 +96,10 @@ def _coupling_fwd_kernel(x_ptr, s_ptr, t_ptr, scale_ptr, mask_ptr, sldj_ptr, y_p
     if HAS_SCALE:
         sc = tl.load(scale_ptr + c, mask=cm, other=0.0).to(tl.float32)
         s = sc[:, None] * tanh_f32(s)
+    free = 1.0
     if MASK_MODE != 0:
         free = _free_mask(mask_ptr, off, inb, sp, W, parity, MASK_MODE)
-        s = s * free
-        t = t * free
-    if REVERSE:
-        y = x * tl.exp(-s) - t
-    else:
-        y = (x + t) * tl.exp(s)
+    y, s = _coupling_y(x, s, t, free, MASK_MODE != 0, REVERSE)
     tl.store(y_ptr + base + off, y.to(y_ptr.dtype.element_ty), mask=inb)
     ldj = tl.sum(tl.sum(s, axis=1), axis=0)
     if REVERSE:
@@ -101,6 +110,40 @@ def _coupling_fwd_kernel(x_ptr, s_ptr, t_ptr, scale_ptr, mask_ptr, sldj_ptr, y_p
         tl.store(ldj_ptr + b, ldj)
     else:
         tl.store(ldj_ptr + partial_row(b, tl.num_programs(1) * tl.num_programs(2), pc * tl.num_programs(2) + ps), ldj)
+
+
+@triton.jit
+def _coupling_grads(x, s_raw, t, gy, gl, sc, free, HAS_SCALE: tl.constexpr, HAS_MASK: tl.constexpr,
+                    REVERSE: tl.constexpr):
+    """The backward's elementwise part (formulas at _coupling_bwd_kernel) on fp32 tiles; sc and free broadcast (1.0
+    when absent). Returns (gx, gs, gt, g_{s_eff} tanh(s)), the last summed into the scale gradient by the caller."""
+    if HAS_SCALE:
+        th = tanh_f32(s_raw)
+        s = sc * th
+    else:
+        th = s_raw
+        s = s_raw
+    if HAS_MASK:
+        s = s * free
+        t = t * free
+    if REVERSE:
+        e = tl.exp(-s)
+        gx = gy * e
+        gt = -gy
+        g_sm = -(gx * x) - gl
+    else:
+        e = tl.exp(s)
+        gx = gy * e
+        gt = gx
+        g_sm = gy * (x + t) * e + gl
+    if HAS_MASK:
+        gt = gt * free
+        g_sm = g_sm * free
+    if HAS_SCALE:
+        gs = g_sm * sc * tanh_slope_f32(s_raw)
+    else:
+        gs = g_sm
+    return gx, gs, gt, g_sm * th
 
 
 @triton.jit
@@ -126,35 +169,16 @@ def _coupling_bwd_kernel(x_ptr, s_ptr, t_ptr, scale_ptr, mask_ptr, gy_ptr, gldj_
     t = tl.load(t_ptr + b64 * t_bs + off, mask=inb, other=0.0).to(tl.float32)
     gy = tl.load(gy_ptr + b64 * gy_bs + off, mask=inb, other=0.0).to(tl.float32)
     gl = tl.load(gldj_ptr + b).to(tl.float32)
+    sc = 1.0
     if HAS_SCALE:
         sc = tl.load(scale_ptr + c, mask=cm, other=0.0).to(tl.float32)[:, None]
-        th = tanh_f32(s_raw)
-        s = sc * th
-    else:
-        s = s_raw
+    free = 1.0
     if MASK_MODE != 0:
         free = _free_mask(mask_ptr, off, inb, sp, W, parity, MASK_MODE)
-        s = s * free
-        t = t * free
-    if REVERSE:
-        e = tl.exp(-s)
-        gx = gy * e
-        gt = -gy
-        g_sm = -(gx * x) - gl
-    else:
-        e = tl.exp(s)
-        gx = gy * e
-        gt = gx
-        g_sm = gy * (x + t) * e + gl
-    if MASK_MODE != 0:
-        gt = gt * free
-        g_sm = g_sm * free
+    gx, gs, gt, gsc_terms = _coupling_grads(x, s_raw, t, gy, gl, sc, free, HAS_SCALE, MASK_MODE != 0, REVERSE)
     if HAS_SCALE:
-        gs = g_sm * sc * tanh_slope_f32(s_raw)
-        gsc = tl.sum(tl.where(inb, g_sm * th, 0.0), axis=1)
+        gsc = tl.sum(tl.where(inb, gsc_terms, 0.0), axis=1)
         tl.store(gscale_ptr + partial_row(b, tl.num_programs(2), ps) * C + c, gsc, mask=cm)
-    else:
-        gs = g_sm
     tl.store(gx_ptr + base + off, gx.to(gx_ptr.dtype.element_ty), mask=inb)
     tl.store(gs_ptr + b64 * gst_bs + off, gs.to(gs_ptr.dtype.element_ty), mask=inb)
     tl.store(gt_ptr + b64 * gst_bs + off, gt.to(gt_ptr.dtype.element_ty), mask=inb)
@@ -194,14 +218,10 @@ def _coupling_vec_fwd_kernel(x_ptr, s_ptr, t_ptr, scale_ptr, mask_ptr, sldj_ptr,
     if HAS_SCALE:
         sc = tl.load(scale_ptr + cols, mask=cm, other=0.0).to(tl.float32)
         s = sc[None, :] * tanh_f32(s)
+    free = 1.0
     if HAS_MASK:
         free = _vec_free(mask_ptr, cols, cm)
-        s = s * free
-        t = t * free
-    if REVERSE:
-        y = x * tl.exp(-s) - t
-    else:
-        y = (x + t) * tl.exp(s)
+    y, s = _coupling_y(x, s, t, free, HAS_MASK, REVERSE)
     tl.store(y_ptr + rows[:, None] * D + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=inb)
     ldj = tl.sum(s, axis=1)
     if REVERSE:
@@ -226,8 +246,10 @@ def _coupling_vec_bwd_kernel(x_ptr, s_ptr, t_ptr, scale_ptr, mask_ptr, gy_ptr, g
     pd = tl.program_id(1)
     cols = pd * BLOCK_D + tl.arange(0, BLOCK_D)
     cm = cols < D
+    sc = 1.0
     if HAS_SCALE:
         sc = tl.load(scale_ptr + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
+    free = 1.0
     if HAS_MASK:
         free = _vec_free(mask_ptr, cols, cm)
     gsc = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -240,32 +262,9 @@ def _coupling_vec_bwd_kernel(x_ptr, s_ptr, t_ptr, scale_ptr, mask_ptr, gy_ptr, g
         t = tl.load(t_ptr + rows[:, None] * t_bs + cols[None, :], mask=inb, other=0.0).to(tl.float32)
         gy = tl.load(gy_ptr + rows[:, None] * gy_bs + cols[None, :], mask=inb, other=0.0).to(tl.float32)
         gl = tl.load(gldj_ptr + rows, mask=rm, other=0.0).to(tl.float32)[:, None]
+        gx, gs, gt, gsc_terms = _coupling_grads(x, s_raw, t, gy, gl, sc, free, HAS_SCALE, HAS_MASK, REVERSE)
         if HAS_SCALE:
-            th = tanh_f32(s_raw)
-            s = sc * th
-        else:
-            s = s_raw
-        if HAS_MASK:
-            s = s * free
-            t = t * free
-        if REVERSE:
-            e = tl.exp(-s)
-            gx = gy * e
-            gt = -gy
-            g_sm = -(gx * x) - gl
-        else:
-            e = tl.exp(s)
-            gx = gy * e
-            gt = gx
-            g_sm = gy * (x + t) * e + gl
-        if HAS_MASK:
-            gt = gt * free
-            g_sm = g_sm * free
-        if HAS_SCALE:
-            gs = g_sm * sc * tanh_slope_f32(s_raw)
-            gsc += tl.sum(tl.where(inb, g_sm * th, 0.0), axis=0)
-        else:
-            gs = g_sm
+            gsc += tl.sum(tl.where(inb, gsc_terms, 0.0), axis=0)
         out = rows[:, None] * D + cols[None, :]
         tl.store(gx_ptr + out, gx.to(gx_ptr.dtype.element_ty), mask=inb)
         tl.store(gs_ptr + rows[:, None] * gst_bs + cols[None, :], gs.to(gs_ptr.dtype.element_ty), mask=inb)

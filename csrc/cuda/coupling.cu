@@ -47,6 +47,50 @@ __device__ __forceinline__ at::opmath_type<scalar_t> column_keep(const CouplingA
   return acc(0);
 }
 
+// One element (sample b, column j of the (B, N) view) of the forward: stores y, returns s_m (its log-det term).
+template <typename scalar_t>
+__device__ __forceinline__ at::opmath_type<scalar_t> forward_element(const CouplingArgs<scalar_t>& a, int64_t b,
+                                                                     int64_t j, at::opmath_type<scalar_t> sc,
+                                                                     at::opmath_type<scalar_t> keep) {
+  using acc = at::opmath_type<scalar_t>;
+  const acc xv = static_cast<acc>(a.x[b * a.xb + j]), sv = static_cast<acc>(a.s[b * a.sb + j]),
+            tv = static_cast<acc>(a.t[b * a.tb + j]);
+  acc s_m, yv;
+  if (a.has_scale) {
+    yv = a.reverse ? math::coupling_forward<acc, true, true>(xv, sv, tv, sc, keep, s_m)
+                   : math::coupling_forward<acc, true, false>(xv, sv, tv, sc, keep, s_m);
+  } else {
+    yv = a.reverse ? math::coupling_forward<acc, false, true>(xv, sv, tv, sc, keep, s_m)
+                   : math::coupling_forward<acc, false, false>(xv, sv, tv, sc, keep, s_m);
+  }
+  a.y[b * a.N + j] = static_cast<scalar_t>(yv);
+  return s_m;
+}
+
+// One element of the backward: stores dL/dx, dL/ds, dL/dt, returns its scale-gradient term (0 without a scale).
+template <typename scalar_t>
+__device__ __forceinline__ at::opmath_type<scalar_t> backward_element(const CouplingArgs<scalar_t>& a, int64_t b,
+                                                                      int64_t j, at::opmath_type<scalar_t> sc,
+                                                                      at::opmath_type<scalar_t> keep) {
+  using acc = at::opmath_type<scalar_t>;
+  const acc gy = static_cast<acc>(a.gy[b * a.gyb + j]), gl = a.gl ? a.gl[b * a.gls] : acc(0);
+  const acc xv = static_cast<acc>(a.x[b * a.xb + j]), sv = static_cast<acc>(a.s[b * a.sb + j]),
+            tv = static_cast<acc>(a.t[b * a.tb + j]);
+  acc gx, gs, gt, gscale = 0;
+  if (a.has_scale) {
+    gscale = a.reverse ? math::coupling_backward<acc, true, true>(gy, gl, xv, sv, tv, sc, keep, gx, gs, gt)
+                       : math::coupling_backward<acc, true, false>(gy, gl, xv, sv, tv, sc, keep, gx, gs, gt);
+  } else if (a.reverse) {
+    math::coupling_backward<acc, false, true>(gy, gl, xv, sv, tv, sc, keep, gx, gs, gt);
+  } else {
+    math::coupling_backward<acc, false, false>(gy, gl, xv, sv, tv, sc, keep, gx, gs, gt);
+  }
+  a.gx[b * a.N + j] = static_cast<scalar_t>(gx);
+  a.gs[b * a.gsb + j] = static_cast<scalar_t>(gs);
+  a.gt[b * a.gtb + j] = static_cast<scalar_t>(gt);
+  return gscale;
+}
+
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) coupling_fwd_kernel(const CouplingArgs<scalar_t> a) {
   using acc = at::opmath_type<scalar_t>;
@@ -58,21 +102,7 @@ __global__ void __launch_bounds__(kThreads) coupling_fwd_kernel(const CouplingAr
   const int64_t b0 = static_cast<int64_t>(blockIdx.y) * a.rows;
   const int64_t b1 = b0 + a.rows < a.B ? b0 + a.rows : a.B;
   for (int64_t b = b0; b < b1; ++b) {
-    acc s_m = 0;
-    if (active) {
-      const int64_t i = b * a.N + j;
-      const acc xv = static_cast<acc>(a.x[b * a.xb + j]), sv = static_cast<acc>(a.s[b * a.sb + j]),
-                tv = static_cast<acc>(a.t[b * a.tb + j]);
-      acc yv;
-      if (a.has_scale) {
-        yv = a.reverse ? math::coupling_forward<acc, true, true>(xv, sv, tv, sc, keep, s_m)
-                       : math::coupling_forward<acc, true, false>(xv, sv, tv, sc, keep, s_m);
-      } else {
-        yv = a.reverse ? math::coupling_forward<acc, false, true>(xv, sv, tv, sc, keep, s_m)
-                       : math::coupling_forward<acc, false, false>(xv, sv, tv, sc, keep, s_m);
-      }
-      a.y[i] = static_cast<scalar_t>(yv);
-    }
+    const acc s_m = active ? forward_element(a, b, j, sc, keep) : acc(0);
     const acc tot = warp_sum(s_m);
     if ((threadIdx.x & 31) == 0) a.red[(b * gridDim.x + blockIdx.x) * kWarps + (threadIdx.x >> 5)] = tot;
   }
@@ -90,24 +120,7 @@ __global__ void __launch_bounds__(kThreads) coupling_bwd_kernel(const CouplingAr
   const int64_t b1 = b0 + a.rows < a.B ? b0 + a.rows : a.B;
   acc gscale = 0;
   if (active) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t i = b * a.N + j;
-      const acc gy = static_cast<acc>(a.gy[b * a.gyb + j]), gl = a.gl ? a.gl[b * a.gls] : acc(0);
-      const acc xv = static_cast<acc>(a.x[b * a.xb + j]), sv = static_cast<acc>(a.s[b * a.sb + j]),
-                tv = static_cast<acc>(a.t[b * a.tb + j]);
-      acc gx, gs, gt;
-      if (a.has_scale) {
-        gscale += a.reverse ? math::coupling_backward<acc, true, true>(gy, gl, xv, sv, tv, sc, keep, gx, gs, gt)
-                            : math::coupling_backward<acc, true, false>(gy, gl, xv, sv, tv, sc, keep, gx, gs, gt);
-      } else if (a.reverse) {
-        math::coupling_backward<acc, false, true>(gy, gl, xv, sv, tv, sc, keep, gx, gs, gt);
-      } else {
-        math::coupling_backward<acc, false, false>(gy, gl, xv, sv, tv, sc, keep, gx, gs, gt);
-      }
-      a.gx[i] = static_cast<scalar_t>(gx);
-      a.gs[b * a.gsb + j] = static_cast<scalar_t>(gs);
-      a.gt[b * a.gtb + j] = static_cast<scalar_t>(gt);
-    }
+    for (int64_t b = b0; b < b1; ++b) gscale += backward_element(a, b, j, sc, keep);
   }
   if (a.has_scale && active) a.red[static_cast<int64_t>(blockIdx.y) * a.N + j] = gscale;
 }
@@ -142,21 +155,8 @@ __global__ void __launch_bounds__(kThreads) coupling_vec_fwd_kernel(const Coupli
     const int64_t b = g + slot;
     acc tot = 0;
     if (b < b1) {
-      for (int64_t d = lane; d < a.N; d += lanes) {
-        const acc xv = static_cast<acc>(a.x[b * a.xb + d]), sv = static_cast<acc>(a.s[b * a.sb + d]),
-                  tv = static_cast<acc>(a.t[b * a.tb + d]);
-        const acc sc = a.has_scale ? a.scale[d] : acc(0), keep = row_keep(a, d);
-        acc s_m, yv;
-        if (a.has_scale) {
-          yv = a.reverse ? math::coupling_forward<acc, true, true>(xv, sv, tv, sc, keep, s_m)
-                         : math::coupling_forward<acc, true, false>(xv, sv, tv, sc, keep, s_m);
-        } else {
-          yv = a.reverse ? math::coupling_forward<acc, false, true>(xv, sv, tv, sc, keep, s_m)
-                         : math::coupling_forward<acc, false, false>(xv, sv, tv, sc, keep, s_m);
-        }
-        a.y[b * a.N + d] = static_cast<scalar_t>(yv);
-        tot += s_m;
-      }
+      for (int64_t d = lane; d < a.N; d += lanes)
+        tot += forward_element(a, b, d, a.has_scale ? a.scale[d] : acc(0), row_keep(a, d));
     }
     for (int o = lanes / 2; o > 0; o >>= 1) tot += __shfl_down_sync(0xffffffffu, tot, o, lanes);
     if (b < b1 && lane == 0) a.red[b] = tot;
@@ -175,23 +175,7 @@ __global__ void __launch_bounds__(kThreads) coupling_vec_bwd_kernel(const Coupli
     acc gscale = 0;
     if (d < a.N) {
       const acc sc = a.has_scale ? a.scale[d] : acc(0), keep = row_keep(a, d);
-      for (int64_t b = b0 + slot; b < b1; b += slots) {
-        const acc gy = static_cast<acc>(a.gy[b * a.gyb + d]), gl = a.gl ? a.gl[b * a.gls] : acc(0);
-        const acc xv = static_cast<acc>(a.x[b * a.xb + d]), sv = static_cast<acc>(a.s[b * a.sb + d]),
-                  tv = static_cast<acc>(a.t[b * a.tb + d]);
-        acc gx, gs, gt;
-        if (a.has_scale) {
-          gscale += a.reverse ? math::coupling_backward<acc, true, true>(gy, gl, xv, sv, tv, sc, keep, gx, gs, gt)
-                              : math::coupling_backward<acc, true, false>(gy, gl, xv, sv, tv, sc, keep, gx, gs, gt);
-        } else if (a.reverse) {
-          math::coupling_backward<acc, false, true>(gy, gl, xv, sv, tv, sc, keep, gx, gs, gt);
-        } else {
-          math::coupling_backward<acc, false, false>(gy, gl, xv, sv, tv, sc, keep, gx, gs, gt);
-        }
-        a.gx[b * a.N + d] = static_cast<scalar_t>(gx);
-        a.gs[b * a.gsb + d] = static_cast<scalar_t>(gs);
-        a.gt[b * a.gtb + d] = static_cast<scalar_t>(gt);
-      }
+      for (int64_t b = b0 + slot; b < b1; b += slots) gscale += backward_element(a, b, d, sc, keep);
     }
     if (a.has_scale) {
       part[threadIdx.x] = gscale;
@@ -237,6 +221,29 @@ CouplingArgs<scalar_t> make_args(const Tensor& x, const Tensor& s, const Tensor&
   a.mode = parity >= 0 ? kChecker : (mask_c.defined() ? kDense : kNoMask);
   a.has_scale = scale_c.defined();
   a.reverse = reverse;
+  return a;
+}
+
+// make_args plus the backward's tensors: the gradient of y, of ldj (read at its stride; may be undefined), the
+// outputs and the scale-gradient partials (undefined without a scale).
+template <typename scalar_t>
+CouplingArgs<scalar_t> make_bwd_args(const Tensor& x, const Tensor& s, const Tensor& t, const Tensor& scale_c,
+                                     const Tensor& mask_c, int64_t parity, bool reverse, const Tensor& gy,
+                                     const Tensor& gl, const Tensor& gx, const Tensor& gs, const Tensor& gt,
+                                     const Tensor& part, int64_t rows) {
+  using acc = at::opmath_type<scalar_t>;
+  CouplingArgs<scalar_t> a = make_args<scalar_t>(x, s, t, scale_c, mask_c, parity, reverse);
+  a.gy = gy.data_ptr<scalar_t>();
+  a.gyb = batch_stride(gy);
+  a.gl = gl.defined() ? gl.data_ptr<acc>() : nullptr;
+  a.gls = gl.defined() ? gl.stride(0) : 0;
+  a.gx = gx.data_ptr<scalar_t>();
+  a.gs = gs.data_ptr<scalar_t>();
+  a.gt = gt.data_ptr<scalar_t>();
+  a.gsb = batch_stride(gs);
+  a.gtb = batch_stride(gt);
+  a.red = part.defined() ? part.data_ptr<acc>() : nullptr;
+  a.rows = rows;
   return a;
 }
 
@@ -308,19 +315,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> coupling_bwd(const Tensor& grad_y, co
     const int64_t rows = layout.second;
     Tensor part = scale ? at::empty({static_cast<int64_t>(blocks), D}, x.options().dtype(acc_t)) : Tensor();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "coupling_vec_bwd_cuda", [&] {
-      using acc = at::opmath_type<scalar_t>;
-      auto a = make_args<scalar_t>(x, s, t, scale_c, mask_c, parity, reverse);
-      a.gy = gy.data_ptr<scalar_t>();
-      a.gyb = batch_stride(gy);
-      a.gl = gl.defined() ? gl.data_ptr<acc>() : nullptr;
-      a.gls = gl.defined() ? gl.stride(0) : 0;
-      a.gx = gx.data_ptr<scalar_t>();
-      a.gs = gs.data_ptr<scalar_t>();
-      a.gt = gt.data_ptr<scalar_t>();
-      a.gsb = batch_stride(gs);
-      a.gtb = batch_stride(gt);
-      a.red = scale ? part.data_ptr<acc>() : nullptr;
-      a.rows = rows;
+      auto a = make_bwd_args<scalar_t>(x, s, t, scale_c, mask_c, parity, reverse, gy, gl, gx, gs, gt, part, rows);
       coupling_vec_bwd_kernel<scalar_t><<<blocks, kThreads, 0, cuda_detail::stream()>>>(a);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -332,19 +327,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> coupling_bwd(const Tensor& grad_y, co
     const int64_t rows = layout.second;
     Tensor part = scale ? at::empty({static_cast<int64_t>(grid.y), N}, x.options().dtype(acc_t)) : Tensor();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "coupling_bwd_cuda", [&] {
-      using acc = at::opmath_type<scalar_t>;
-      auto a = make_args<scalar_t>(x, s, t, scale_c, mask_c, parity, reverse);
-      a.gy = gy.data_ptr<scalar_t>();
-      a.gyb = batch_stride(gy);
-      a.gl = gl.defined() ? gl.data_ptr<acc>() : nullptr;
-      a.gls = gl.defined() ? gl.stride(0) : 0;
-      a.gx = gx.data_ptr<scalar_t>();
-      a.gs = gs.data_ptr<scalar_t>();
-      a.gt = gt.data_ptr<scalar_t>();
-      a.gsb = batch_stride(gs);
-      a.gtb = batch_stride(gt);
-      a.red = scale ? part.data_ptr<acc>() : nullptr;
-      a.rows = rows;
+      auto a = make_bwd_args<scalar_t>(x, s, t, scale_c, mask_c, parity, reverse, gy, gl, gx, gs, gt, part, rows);
       coupling_bwd_kernel<scalar_t><<<grid, kThreads, 0, cuda_detail::stream()>>>(a);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
