@@ -11,8 +11,11 @@ op ``original-fullcov``, the original code's full-covariance MultivariateNormal 
 
 Figures per candidate: median and 20/80% quantiles of one call (ms), achieved GB/s over the op's minimal bytes (each
 input read once, each output written once; see :func:`min_bytes`) and its share of the copy bandwidth measured in the
-same run, the speed-up over torch-eager and over torch-compile, the relative error against torch-eager on the same
-inputs, and peak extra memory (CUDA only).
+same run, the speed-up over torch-eager and over torch-compile (ratios of the medians), the paired time ratio against
+torch-eager (``paired_vs_eager``: the median over rounds of t_candidate / t_eager of the same round, with its 20/80%
+quantiles), the relative error against torch-eager on the same inputs, and peak extra memory (CUDA only).
+Timing interleaves the candidates of a case (A B A B ..., order shuffled per round) on both devices:
+``common.time_interleaved`` on the CPU, rounds of ``do_bench`` on CUDA (``--gpu-rounds``).
 
 Usage (repository root): ``python -m benchmarks.bench_ops --suite cpu`` (or ``gpu`` / ``smoke``); writes
 ``benchmarks/results/ops_<device>_<date>_<commit>.json``.
@@ -311,7 +314,7 @@ def _configure_dynamo() -> None:
 
 
 def run_case(case: Case, device: torch.device, backends: list[str], with_compile: bool, copy_gbps: float,
-             cpu_budget_s: float, cpu_rounds: int, cuda_rep_ms: int) -> list[dict]:
+             cpu_budget_s: float, cpu_rounds: int, cuda_rep_ms: int, cuda_rounds: int = 5) -> list[dict]:
     """Time every candidate of ``case``; one record per candidate (a failing candidate gets an ``error`` record)."""
     inp = Inputs(case, device)
     calls, errors, outputs = {}, {}, {}
@@ -324,7 +327,7 @@ def run_case(case: Case, device: torch.device, backends: list[str], with_compile
         except Exception as exc:  # recorded in the results file; the other candidates still run
             errors[name] = common.error_text(exc)
     stats = common.time_fns(calls, device, cpu_rounds=cpu_rounds, cpu_budget_s=cpu_budget_s,
-                            cuda_rep_ms=cuda_rep_ms) if calls else {}
+                            cuda_rep_ms=cuda_rep_ms, paired=True, cuda_rounds=cuda_rounds) if calls else {}
     nbytes = min_bytes(case)
     eager = stats.get(EAGER, {}).get("median_ms")
     compiled = stats.get(COMPILE, {}).get("median_ms")
@@ -341,7 +344,11 @@ def run_case(case: Case, device: torch.device, backends: list[str], with_compile
         med = st["median_ms"]
         gbps = nbytes / (med * 1e-3) / 1e9
         rec.update(st)
+        paired = common.paired_ratio(st, stats[EAGER]) if EAGER in stats else None
         rec.update({
+            "paired_vs_eager": paired["median"] if paired else None,
+            "paired_vs_eager_q20": paired["q20"] if paired else None,
+            "paired_vs_eager_q80": paired["q80"] if paired else None,
             "gbps": gbps,
             "pct_copy_bw": 100.0 * gbps / copy_gbps if copy_gbps else None,
             "x_eager": eager / med if eager else None,
@@ -355,7 +362,7 @@ def run_case(case: Case, device: torch.device, backends: list[str], with_compile
 
 def print_table(records: list[dict], file=sys.stdout, header: bool = True) -> None:
     head = f"{'op':16s} {'case':26s} {'dtype':8s} {'backend':17s} {'median ms':>10s} {'[q20, q80]':>19s} " \
-           f"{'GB/s':>7s} {'x eager':>8s} {'x compile':>9s} {'rel err':>8s}"
+           f"{'GB/s':>7s} {'x eager':>8s} {'t/eager p':>9s} {'x compile':>9s} {'rel err':>8s}"
     if header:
         print(head, file=file)
     for r in records:
@@ -365,10 +372,11 @@ def print_table(records: list[dict], file=sys.stdout, header: bool = True) -> No
             continue
         q = f"[{common.fmt_ms(r['q20_ms'])}, {common.fmt_ms(r['q80_ms'])}]"
         xe = f"{r['x_eager']:.2f}" if r.get("x_eager") else "-"
+        pe = f"{r['paired_vs_eager']:.3f}" if r.get("paired_vs_eager") is not None else "-"
         xc = f"{r['x_compile']:.2f}" if r.get("x_compile") else "-"
         err = f"{r['rel_err_vs_eager']:.1e}" if r.get("rel_err_vs_eager") is not None else "-"
         print(f"{r['op']:16s} {r['case']:26s} {r['dtype']:8s} {r['backend']:17s} {common.fmt_ms(r['median_ms']):>10s} "
-              f"{q:>19s} {r['gbps']:7.1f} {xe:>8s} {xc:>9s} {err:>8s}", file=file, flush=True)
+              f"{q:>19s} {r['gbps']:7.1f} {xe:>8s} {pe:>9s} {xc:>9s} {err:>8s}", file=file, flush=True)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -381,6 +389,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--budget", type=float, default=3.0, help="CPU: seconds of timing per case (all candidates)")
     p.add_argument("--rounds", type=int, default=15, help="CPU: rounds of side-by-side samples per case (max)")
     p.add_argument("--rep-ms", type=int, default=100, help="CUDA: do_bench repetition time per candidate (ms)")
+    p.add_argument("--gpu-rounds", type=int, default=5,
+                   help="CUDA: rounds the repetition time is split into, candidates interleaved per round")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU: torch.set_num_threads for the run (default: torch's choice; recorded in the file)")
     p.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results)")
@@ -407,6 +417,8 @@ def main(argv: list[str] | None = None) -> dict:
         if missing:
             raise SystemExit(f"--backends: {missing} not usable on {device.type} here (usable: {here}; reasons: "
                              f"{ {b: _backend.unavailable_reason(b) for b in missing} })")
+    if args.gpu_rounds < 1:
+        raise SystemExit(f"--gpu-rounds must be >= 1, got {args.gpu_rounds}")
     if args.threads is not None:
         if args.threads < 1:
             raise SystemExit(f"--threads must be >= 1, got {args.threads}")
@@ -427,7 +439,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"# deadline of {args.deadline_s:.0f} s reached: {len(skipped)} case(s) not run", flush=True)
             break
         recs = run_case(case, device, backends, not args.no_compile, copy["gbps"], args.budget, args.rounds,
-                        args.rep_ms)
+                        args.rep_ms, args.gpu_rounds)
         print_table(recs, header=i == 0)
         records += recs
     extra = {"suite": suite_name, "copy_bandwidth": copy, "backends_timed": backends, "cases_not_run": skipped,

@@ -2,12 +2,16 @@
 
 Timing
 ------
-GPU: :func:`triton.testing.do_bench` (CUDA events, L2 flushed before each run) for the median and the 20% / 80%
-quantiles of one call.
+GPU: :func:`time_cuda_interleaved`: :func:`triton.testing.do_bench` (CUDA events, L2 flushed before each run) in
+rounds, each round running every candidate once in a freshly shuffled order for a share of the repetition time; the
+median and the 20% / 80% quantiles are over all timed calls, a round's sample is the median of its calls.
 CPU: :func:`time_interleaved`: the candidates of one benchmark case are timed *side by side* -- each round takes one
 sample of every candidate in a freshly shuffled order, a sample being the mean of ``inner`` back-to-back calls (calibrated
 so a sample lasts about ``sample_ms``) -- so load from other processes on a shared machine hits every candidate alike and
 the ratios stay meaningful even when the absolute times drift. Garbage collection is off while timing.
+Both keep each round's sample (``round_ms``, in round order) when asked, so that :func:`paired_ratio` can compare two
+candidates round by round: the median over rounds of t_candidate / t_reference of the same round, which cancels the
+drift the medians of the two separately still carry.
 
 Results
 -------
@@ -86,11 +90,13 @@ def summarize(samples_ms: list[float]) -> dict:
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 2, rounds: int = 15,
-                     sample_ms: float = 20.0, budget_s: float | None = None, seed: int = 0) -> dict[str, dict]:
+                     sample_ms: float = 20.0, budget_s: float | None = None, seed: int = 0,
+                     keep_rounds: bool = False) -> dict[str, dict]:
     """CPU timer: per-call time statistics of each zero-argument callable, sampled side by side (module docstring).
 
     ``warmup`` untimed calls each; then ``rounds`` rounds (fewer if the whole case would exceed ``budget_s``; at least 3).
-    Returns ``{name: summarize(...)}`` in milliseconds per call.
+    Returns ``{name: summarize(...)}`` in milliseconds per call, plus ``round_ms`` (the samples in round order) when
+    ``keep_rounds``.
     """
     if not fns:
         return {}
@@ -127,7 +133,46 @@ def time_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 2, r
     finally:
         if gc_was_enabled:
             gc.enable()
-    return {name: summarize(v) for name, v in samples.items()}
+    return {name: dict(summarize(v), round_ms=v) if keep_rounds else summarize(v) for name, v in samples.items()}
+
+
+def paired_ratio(stats: dict, ref: dict) -> dict | None:
+    """Median and 20% / 80% quantiles over rounds of ``stats``' sample / ``ref``'s sample of the same round (two
+    entries of a :func:`time_interleaved` / :func:`time_cuda_interleaved` result with ``round_ms``); None without
+    paired rounds."""
+    a, b = stats.get("round_ms"), ref.get("round_ms")
+    if not a or not b or len(a) != len(b):
+        return None
+    r = sorted(x / y for x, y in zip(a, b) if y > 0)
+    if not r:
+        return None
+    return {"median": _quantile(r, 0.5), "q20": _quantile(r, 0.2), "q80": _quantile(r, 0.8), "n": len(r)}
+
+
+def time_cuda_interleaved(fns: dict[str, Callable[[], object]], *, rounds: int = 5, warmup_ms: int = 25,
+                          rep_ms: int = 100, seed: int = 0, bench=None) -> dict[str, dict]:
+    """GPU timer: ``rounds`` rounds of ``do_bench`` (``rep_ms / rounds`` of repetitions each) over every callable in a
+    freshly shuffled order per round. Returns ``{name: summarize(all timed calls) + round_ms}`` (ms; a round's sample
+    is the median of its calls). ``bench`` replaces ``triton.testing.do_bench`` (tests)."""
+    if not fns:
+        return {}
+    if rounds < 1:
+        raise ValueError(f"time_cuda_interleaved needs rounds >= 1, got {rounds}")
+    if bench is None:
+        from triton.testing import do_bench as bench
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    round_ms: dict[str, list[float]] = {name: [] for name in fns}
+    order = list(fns)
+    rng = random.Random(seed)
+    for k in range(rounds):
+        rng.shuffle(order)
+        for name in order:
+            # the first round warms up for warmup_ms; later rounds only enough to refill the caches
+            got = [float(t) for t in bench(fns[name], warmup=warmup_ms if k == 0 else 1,
+                                           rep=max(1, rep_ms // rounds), return_mode="all")]
+            times[name] += got
+            round_ms[name].append(_quantile(sorted(got), 0.5))
+    return {name: dict(summarize(times[name]), n=None, round_ms=round_ms[name]) for name in fns}
 
 
 def time_cuda(fn: Callable[[], object], *, warmup_ms: int = 25, rep_ms: int = 100) -> dict:
@@ -139,11 +184,16 @@ def time_cuda(fn: Callable[[], object], *, warmup_ms: int = 25, rep_ms: int = 10
 
 
 def time_fns(fns: dict[str, Callable[[], object]], device: torch.device, *, cpu_rounds: int = 15,
-             cpu_budget_s: float | None = None, cpu_warmup: int = 2, cuda_rep_ms: int = 100) -> dict[str, dict]:
-    """Time each callable on ``device`` with the device's timer (do_bench on CUDA, side by side on the CPU)."""
+             cpu_budget_s: float | None = None, cpu_warmup: int = 2, cuda_rep_ms: int = 100,
+             paired: bool = False, cuda_rounds: int = 5) -> dict[str, dict]:
+    """Time each callable on ``device`` with the device's timer (do_bench on CUDA, side by side on the CPU).
+    ``paired``: keep each round's sample (``round_ms``, for :func:`paired_ratio`); on CUDA the do_bench calls are then
+    interleaved in ``cuda_rounds`` rounds (:func:`time_cuda_interleaved`) instead of one do_bench per callable."""
     if device.type == "cuda":
+        if paired:
+            return time_cuda_interleaved(fns, rounds=cuda_rounds, rep_ms=cuda_rep_ms)
         return {name: time_cuda(fn, rep_ms=cuda_rep_ms) for name, fn in fns.items()}
-    return time_interleaved(fns, warmup=cpu_warmup, rounds=cpu_rounds, budget_s=cpu_budget_s)
+    return time_interleaved(fns, warmup=cpu_warmup, rounds=cpu_rounds, budget_s=cpu_budget_s, keep_rounds=paired)
 
 
 # ------------------------------------------------------------------------------------------------- memory, bandwidth

@@ -182,6 +182,8 @@ def ops_table(data: dict, only: list[tuple[str, str]] | None = None) -> str:
                     cell += f" {_x(r.get('x_eager'))}"
                 if b not in ("torch-eager", "torch-compile") and r.get("x_compile") is not None:
                     cell += f" / {_x(r.get('x_compile'))}c"
+                if b != "torch-eager" and r.get("paired_vs_eager") is not None:  # files before the paired timing: none
+                    cell += f" p{r['paired_vs_eager']:.2f}"
                 if data["meta"]["device_type"] == "cuda":
                     cell += f" {r['gbps']:.0f} GB/s"
                 row.append(cell)
@@ -282,7 +284,8 @@ def _section(tag: str, runs: dict, full: bool, png: Path | None, rel_to: Path) -
         if only is not None and not any((r["op"], r["case"]) in only for r in ops["records"]):
             only = None
         parts.append(("\nOps" if full else "\nSelected ops") + " -- median ms [20%, 80%], then the speed-up over "
-                     "torch-eager (and over torch.compile, `c`)" + (", achieved GB/s" if device_type == "cuda" else "")
+                     "torch-eager (and over torch.compile, `c`), `p`: the median over interleaved rounds of t / t_eager of the same "
+                     "round (files that have it)" + (", achieved GB/s" if device_type == "cuda" else "")
                      + ":\n\n" + ops_table(ops, only))
     if steps is not None:
         parts.append("\nTraining step (forward, prior, backward, clip, Adam); the first step's loss is taken from the "

@@ -208,23 +208,13 @@ FG_HD acc coupling_backward(acc gy, acc gl, acc x, acc s, acc t, acc scale, acc 
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// 2x2 squeeze: offset in the unsqueezed (B, C, 2 H2, 2 W2) tensor of the squeezed element [b, oc, h, w] of
-// (B, 4C, H2, W2). Default order oc = 4c + 2i + j; alt order oc = kC + c with (i, j) = (0,0), (1,1), (0,1), (1,0)
-// for k = 0..3. Forward gathers through it, reverse scatters (a permutation).
-FG_HD int64_t squeeze_unsq_offset(int64_t b, int64_t oc, int64_t h, int64_t w, int64_t C, int64_t H2, int64_t W2,
-                                  bool alt) {
-  int64_t c, i, j;
-  if (alt) {
-    const int64_t k = oc / C;
-    c = oc - k * C;
-    i = (k == 1 || k == 3) ? 1 : 0;
-    j = (k == 1 || k == 2) ? 1 : 0;
-  } else {
-    c = oc >> 2;
-    i = (oc >> 1) & 1;
-    j = oc & 1;
-  }
-  return ((b * C + c) * (2 * H2) + 2 * h + i) * (2 * W2) + 2 * w + j;
+// 2x2 squeeze: squeezed[b, o, h, w] = unsqueezed[b, c, 2h + i, 2w + j] with o the squeezed channel of unsqueezed
+// channel c, row parity i and column parity j. Default order o = 4c + 2i + j; alt order o = kC + c with
+// (i, j) = (0,0), (1,1), (0,1), (1,0) for k = 0..3, i.e. k = 2 (i xor j) + i. Forward gathers, reverse scatters
+// (a permutation).
+template <typename index_t>
+FG_HD index_t squeeze_channel(index_t c, index_t i, index_t j, index_t C, bool alt) {
+  return alt ? (2 * (i ^ j) + i) * C + c : 4 * c + 2 * i + j;
 }
 
 // ---------------------------------------------------------------------------------------------------------------

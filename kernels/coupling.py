@@ -8,6 +8,8 @@ joint s/t tensor (t None: s holds s then t on dim 1) writes both gradients into 
 log-det and per-channel scale-gradient are tile reductions. The partial sums go to small buffers that the launcher
 sums (deterministic: no atomics); when one tile covers the whole sample the kernel adds the incoming sldj itself.
 
+Vectors (x of shape (B, D), S = 1) have their own pair of kernels, tiled over rows (see "vectors" below).
+
 Mask modes (MASK_MODE): 0 none, 1 dense 0/1 tensor of shape (C, S), 2 checkerboard b[h, w] = (h + w + parity) % 2
 computed from the index (h = s // W, w = s % W; no mask is read). With free = 1 - b:
     s_eff = scale[c] * tanh(s) (HAS_SCALE) or s;   s_m = free * s_eff;   t_m = free * t
@@ -60,6 +62,19 @@ def _tile_index(pc, ps, C, S, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, IDX6
 
 
 @triton.jit
+def _coupling_y(x, s_eff, t, free, HAS_MASK: tl.constexpr, REVERSE: tl.constexpr):
+    """(y, s_m) of the forward from fp32 tiles of x, s_eff, t and the broadcastable free mask (1.0 when absent)."""
+    if HAS_MASK:
+        s_eff = s_eff * free
+        t = t * free
+    if REVERSE:
+        y = x * tl.exp(-s_eff) - t
+    else:
+        y = (x + t) * tl.exp(s_eff)
+    return y, s_eff
+
+
+@triton.jit
 def _coupling_fwd_kernel(x_ptr, s_ptr, t_ptr, scale_ptr, mask_ptr, sldj_ptr, y_ptr, ldj_ptr,
                          C, S, W, parity, x_bs, s_bs, t_bs,
                          HAS_SCALE: tl.constexpr, MASK_MODE: tl.constexpr, REVERSE: tl.constexpr,
@@ -81,14 +96,10 @@ def _coupling_fwd_kernel(x_ptr, s_ptr, t_ptr, scale_ptr, mask_ptr, sldj_ptr, y_p
     if HAS_SCALE:
         sc = tl.load(scale_ptr + c, mask=cm, other=0.0).to(tl.float32)
         s = sc[:, None] * tanh_f32(s)
+    free = 1.0
     if MASK_MODE != 0:
         free = _free_mask(mask_ptr, off, inb, sp, W, parity, MASK_MODE)
-        s = s * free
-        t = t * free
-    if REVERSE:
-        y = x * tl.exp(-s) - t
-    else:
-        y = (x + t) * tl.exp(s)
+    y, s = _coupling_y(x, s, t, free, MASK_MODE != 0, REVERSE)
     tl.store(y_ptr + base + off, y.to(y_ptr.dtype.element_ty), mask=inb)
     ldj = tl.sum(tl.sum(s, axis=1), axis=0)
     if REVERSE:
@@ -99,6 +110,40 @@ def _coupling_fwd_kernel(x_ptr, s_ptr, t_ptr, scale_ptr, mask_ptr, sldj_ptr, y_p
         tl.store(ldj_ptr + b, ldj)
     else:
         tl.store(ldj_ptr + partial_row(b, tl.num_programs(1) * tl.num_programs(2), pc * tl.num_programs(2) + ps), ldj)
+
+
+@triton.jit
+def _coupling_grads(x, s_raw, t, gy, gl, sc, free, HAS_SCALE: tl.constexpr, HAS_MASK: tl.constexpr,
+                    REVERSE: tl.constexpr):
+    """The backward's elementwise part (formulas at _coupling_bwd_kernel) on fp32 tiles; sc and free broadcast (1.0
+    when absent). Returns (gx, gs, gt, g_{s_eff} tanh(s)), the last summed into the scale gradient by the caller."""
+    if HAS_SCALE:
+        th = tanh_f32(s_raw)
+        s = sc * th
+    else:
+        th = s_raw
+        s = s_raw
+    if HAS_MASK:
+        s = s * free
+        t = t * free
+    if REVERSE:
+        e = tl.exp(-s)
+        gx = gy * e
+        gt = -gy
+        g_sm = -(gx * x) - gl
+    else:
+        e = tl.exp(s)
+        gx = gy * e
+        gt = gx
+        g_sm = gy * (x + t) * e + gl
+    if HAS_MASK:
+        gt = gt * free
+        g_sm = g_sm * free
+    if HAS_SCALE:
+        gs = g_sm * sc * tanh_slope_f32(s_raw)
+    else:
+        gs = g_sm
+    return gx, gs, gt, g_sm * th
 
 
 @triton.jit
@@ -124,38 +169,148 @@ def _coupling_bwd_kernel(x_ptr, s_ptr, t_ptr, scale_ptr, mask_ptr, gy_ptr, gldj_
     t = tl.load(t_ptr + b64 * t_bs + off, mask=inb, other=0.0).to(tl.float32)
     gy = tl.load(gy_ptr + b64 * gy_bs + off, mask=inb, other=0.0).to(tl.float32)
     gl = tl.load(gldj_ptr + b).to(tl.float32)
+    sc = 1.0
     if HAS_SCALE:
         sc = tl.load(scale_ptr + c, mask=cm, other=0.0).to(tl.float32)[:, None]
-        th = tanh_f32(s_raw)
-        s = sc * th
-    else:
-        s = s_raw
+    free = 1.0
     if MASK_MODE != 0:
         free = _free_mask(mask_ptr, off, inb, sp, W, parity, MASK_MODE)
-        s = s * free
-        t = t * free
-    if REVERSE:
-        e = tl.exp(-s)
-        gx = gy * e
-        gt = -gy
-        g_sm = -(gx * x) - gl
-    else:
-        e = tl.exp(s)
-        gx = gy * e
-        gt = gx
-        g_sm = gy * (x + t) * e + gl
-    if MASK_MODE != 0:
-        gt = gt * free
-        g_sm = g_sm * free
+    gx, gs, gt, gsc_terms = _coupling_grads(x, s_raw, t, gy, gl, sc, free, HAS_SCALE, MASK_MODE != 0, REVERSE)
     if HAS_SCALE:
-        gs = g_sm * sc * tanh_slope_f32(s_raw)
-        gsc = tl.sum(tl.where(inb, g_sm * th, 0.0), axis=1)
+        gsc = tl.sum(tl.where(inb, gsc_terms, 0.0), axis=1)
         tl.store(gscale_ptr + partial_row(b, tl.num_programs(2), ps) * C + c, gsc, mask=cm)
-    else:
-        gs = g_sm
     tl.store(gx_ptr + base + off, gx.to(gx_ptr.dtype.element_ty), mask=inb)
     tl.store(gs_ptr + b64 * gst_bs + off, gs.to(gs_ptr.dtype.element_ty), mask=inb)
     tl.store(gt_ptr + b64 * gst_bs + off, gt.to(gt_ptr.dtype.element_ty), mask=inb)
+
+
+# ----------------------------------------------------------------------------------------------- vectors (S = 1)
+# x (B, D): a program owns a (BLOCK_B rows x BLOCK_D features) tile, so a row's features are one contiguous load and a
+# small D still fills the program with rows; scale and mask are (BLOCK_D,) loads per program, the log-det a row sum.
+# The backward walks ITERS row tiles per program and reduces the scale gradient over them in registers: one (D,) partial
+# per row program, summed in a fixed order by the launcher (no atomics, deterministic).
+
+
+@triton.jit
+def _vec_free(mask_ptr, cols, cm):
+    """(1 - mask[d]) for the tile's features, (1, BLOCK_D)."""
+    return (1.0 - tl.load(mask_ptr + cols, mask=cm, other=1.0).to(tl.float32))[None, :]
+
+
+@triton.jit
+def _coupling_vec_fwd_kernel(x_ptr, s_ptr, t_ptr, scale_ptr, mask_ptr, sldj_ptr, y_ptr, ldj_ptr,
+                             B, D, x_bs, s_bs, t_bs,
+                             HAS_SCALE: tl.constexpr, HAS_MASK: tl.constexpr, REVERSE: tl.constexpr,
+                             HAS_SLDJ: tl.constexpr, ONE_TILE: tl.constexpr,
+                             BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    """_coupling_fwd_kernel for vectors on a (BLOCK_B, BLOCK_D) tile of rows; the row sums of s_m go to ldj_ptr[b]
+    (+ sldj[b]) when ONE_TILE (the tile holds all D features), else to the partial ldj_ptr[b, feature tile]."""
+    pb = tl.program_id(0)
+    pd = tl.program_id(1)
+    rows = pb.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = pd * BLOCK_D + tl.arange(0, BLOCK_D)
+    rm = rows < B
+    cm = cols < D
+    inb = rm[:, None] & cm[None, :]
+    x = tl.load(x_ptr + rows[:, None] * x_bs + cols[None, :], mask=inb, other=0.0).to(tl.float32)
+    s = tl.load(s_ptr + rows[:, None] * s_bs + cols[None, :], mask=inb, other=0.0).to(tl.float32)
+    t = tl.load(t_ptr + rows[:, None] * t_bs + cols[None, :], mask=inb, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        sc = tl.load(scale_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+        s = sc[None, :] * tanh_f32(s)
+    free = 1.0
+    if HAS_MASK:
+        free = _vec_free(mask_ptr, cols, cm)
+    y, s = _coupling_y(x, s, t, free, HAS_MASK, REVERSE)
+    tl.store(y_ptr + rows[:, None] * D + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=inb)
+    ldj = tl.sum(s, axis=1)
+    if REVERSE:
+        ldj = -ldj
+    if ONE_TILE:
+        if HAS_SLDJ:
+            ldj += tl.load(sldj_ptr + rows, mask=rm, other=0.0).to(tl.float32)
+        tl.store(ldj_ptr + rows, ldj, mask=rm)
+    else:
+        tl.store(ldj_ptr + rows * tl.num_programs(1) + pd, ldj, mask=rm)
+
+
+@triton.jit
+def _coupling_vec_bwd_kernel(x_ptr, s_ptr, t_ptr, scale_ptr, mask_ptr, gy_ptr, gldj_ptr,
+                             gx_ptr, gs_ptr, gt_ptr, gscale_ptr,
+                             B, D, iters, x_bs, s_bs, t_bs, gy_bs, gst_bs,
+                             HAS_SCALE: tl.constexpr, HAS_MASK: tl.constexpr, REVERSE: tl.constexpr,
+                             BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    """_coupling_bwd_kernel for vectors: row tiles pb * iters ... pb * iters + iters - 1 of (BLOCK_B, BLOCK_D); the
+    scale gradient summed over them in registers and stored once, to gscale_ptr[pb, d]."""
+    pb = tl.program_id(0)
+    pd = tl.program_id(1)
+    cols = pd * BLOCK_D + tl.arange(0, BLOCK_D)
+    cm = cols < D
+    sc = 1.0
+    if HAS_SCALE:
+        sc = tl.load(scale_ptr + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
+    free = 1.0
+    if HAS_MASK:
+        free = _vec_free(mask_ptr, cols, cm)
+    gsc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for it in range(iters):
+        rows = (pb.to(tl.int64) * iters + it) * BLOCK_B + tl.arange(0, BLOCK_B)
+        rm = rows < B
+        inb = rm[:, None] & cm[None, :]
+        x = tl.load(x_ptr + rows[:, None] * x_bs + cols[None, :], mask=inb, other=0.0).to(tl.float32)
+        s_raw = tl.load(s_ptr + rows[:, None] * s_bs + cols[None, :], mask=inb, other=0.0).to(tl.float32)
+        t = tl.load(t_ptr + rows[:, None] * t_bs + cols[None, :], mask=inb, other=0.0).to(tl.float32)
+        gy = tl.load(gy_ptr + rows[:, None] * gy_bs + cols[None, :], mask=inb, other=0.0).to(tl.float32)
+        gl = tl.load(gldj_ptr + rows, mask=rm, other=0.0).to(tl.float32)[:, None]
+        gx, gs, gt, gsc_terms = _coupling_grads(x, s_raw, t, gy, gl, sc, free, HAS_SCALE, HAS_MASK, REVERSE)
+        if HAS_SCALE:
+            gsc += tl.sum(tl.where(inb, gsc_terms, 0.0), axis=0)
+        out = rows[:, None] * D + cols[None, :]
+        tl.store(gx_ptr + out, gx.to(gx_ptr.dtype.element_ty), mask=inb)
+        tl.store(gs_ptr + rows[:, None] * gst_bs + cols[None, :], gs.to(gs_ptr.dtype.element_ty), mask=inb)
+        tl.store(gt_ptr + rows[:, None] * gst_bs + cols[None, :], gt.to(gt_ptr.dtype.element_ty), mask=inb)
+    if HAS_SCALE:
+        tl.store(gscale_ptr + pb.to(tl.int64) * D + cols, gsc, mask=cm)
+
+
+_VEC_ROW_PROGRAMS = 512     # backward: at most this many row programs (a few per SM), each walking several row tiles
+
+
+def _coupling_vec_forward(x, s, t, scale, mask, reverse, sldj, x_bs, s_bs, t_bs):
+    b, d = x.shape
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    block_b, block_d = tile_2d(b, d)
+    grid = (triton.cdiv(b, block_b), triton.cdiv(d, block_d))
+    check_grid(grid, "coupling")
+    one_tile = grid[1] == 1
+    ldj = torch.empty((b,) if one_tile else (b, grid[1]), dtype=torch.float32, device=x.device)
+    _coupling_vec_fwd_kernel[grid](
+        x, s, t, scale.contiguous() if scale is not None else x, mask.contiguous() if mask is not None else x,
+        sldj.contiguous() if sldj is not None else ldj, y, ldj, b, d, x_bs, s_bs, t_bs,
+        HAS_SCALE=scale is not None, HAS_MASK=mask is not None, REVERSE=bool(reverse), HAS_SLDJ=sldj is not None,
+        ONE_TILE=one_tile, BLOCK_B=block_b, BLOCK_D=block_d, num_warps=num_warps_for(block_b * block_d))
+    if not one_tile:
+        ldj = ldj.sum(1)
+        if sldj is not None:
+            ldj = ldj + sldj
+    return y, ldj
+
+
+def _coupling_vec_backward(grad_y, grad_ldj, x, s, t, scale, mask, reverse, gx, gs, gt, strides):
+    b, d = x.shape
+    block_b, block_d = tile_2d(b, d)
+    tiles = triton.cdiv(b, block_b)
+    iters = triton.cdiv(tiles, min(tiles, _VEC_ROW_PROGRAMS))
+    grid = (triton.cdiv(tiles, iters), triton.cdiv(d, block_d))
+    check_grid(grid, "coupling")
+    gscale = None if scale is None else torch.empty((grid[0], d), dtype=torch.float32, device=x.device)
+    _coupling_vec_bwd_kernel[grid](
+        x, s, t, scale.contiguous() if scale is not None else x, mask.contiguous() if mask is not None else x,
+        grad_y, grad_ldj.contiguous(), gx, gs, gt, gscale if gscale is not None else gx,
+        b, d, iters, *strides,
+        HAS_SCALE=scale is not None, HAS_MASK=mask is not None, REVERSE=bool(reverse),
+        BLOCK_B=block_b, BLOCK_D=block_d, num_warps=num_warps_for(block_b * block_d))
+    return None if gscale is None else gscale.sum(0)
 
 
 def _geometry(x: torch.Tensor, checker_parity: int):
@@ -203,9 +358,11 @@ def coupling_forward(x, s, t, scale, mask, checker_parity: int, reverse: bool, s
     s, t = _split_st(x, s, t)
     (x, x_bs), (s, s_bs), (t, t_bs) = _planes(x), _planes(s), _planes(t)
     b, c, n_s, w = _geometry(x, checker_parity)
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if b == 0:
-        return y, torch.zeros(0, dtype=torch.float32, device=x.device)
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device), torch.zeros(0, dtype=torch.float32, device=x.device)
+    if x.dim() == 2:
+        return _coupling_vec_forward(x, s, t, scale, mask, reverse, sldj, x_bs, s_bs, t_bs)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     block_c, block_s = tile_2d(c, n_s)
     grid = (b, triton.cdiv(c, block_c), triton.cdiv(n_s, block_s))
     check_grid(grid, "coupling")
@@ -249,6 +406,10 @@ def coupling_backward(grad_y, grad_ldj, x, s, t, scale, mask, checker_parity: in
     if b == 0:
         return (gx, gst if joint else gs, None if joint else gt,
                 None if scale is None else torch.zeros(c, dtype=torch.float32, device=x.device))
+    if x.dim() == 2:
+        gscale = _coupling_vec_backward(grad_y, grad_ldj, x, s, t, scale, mask, reverse, gx, gs, gt,
+                                        (x_bs, s_bs, t_bs, gy_bs, gst_bs))
+        return gx, gst if joint else gs, None if joint else gt, gscale
     check_grid(grid, "coupling")
     gscale = None if scale is None else torch.empty((b * grid[2], c), dtype=torch.float32, device=x.device)
     mode = _mask_mode(mask, checker_parity)

@@ -6,16 +6,17 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import requires_native
 
 from benchmarks import bench_ops, bench_train_step, common, report
 from benchmarks.baseline_original import OriginalFormulation, original_gmm_nll
 from flowgmm_fast.ops import reference as R
-from helpers import requires_native
 
 CPU = torch.device("cpu")
 
@@ -107,6 +108,55 @@ def test_bench_ops_smoke_records(smoke_runs):
             assert math.isclose(r["x_eager"], 1.0)
     assert any(r["backend"] == bench_ops.ORIGINAL for r in recs if r["op"] == "gmm_fwdbwd")
     assert {r["backend"] for r in recs} >= {bench_ops.EAGER, *bench_ops.fast_backends(CPU)}
+    # interleaved rounds: every candidate of a case has one sample per round, and the paired figure is the median of
+    # the per-round ratios t / t_eager (recomputed here), not a ratio of the medians
+    for case in cases:
+        mine = {r["backend"]: r for r in recs if (r["op"], r["case"]) == case}
+        eager = mine[bench_ops.EAGER]["round_ms"]
+        assert len(eager) >= 3
+        for r in mine.values():
+            assert len(r["round_ms"]) == len(eager)
+            ratios = sorted(a / b for a, b in zip(r["round_ms"], eager))
+            assert math.isclose(r["paired_vs_eager"], statistics.median(ratios), rel_tol=1e-12)
+            assert r["paired_vs_eager_q20"] <= r["paired_vs_eager"] <= r["paired_vs_eager_q80"]
+        assert mine[bench_ops.EAGER]["paired_vs_eager"] == 1.0
+
+
+def test_cuda_timer_interleaves_rounds():
+    """The GPU timer's rounds (do_bench replaced by a recorder): every candidate once per round, order reshuffled,
+    warm-up only in the first round, the repetition time split over the rounds; statistics over all calls."""
+    calls = []
+    times = {"a": [1.0, 3.0], "b": [2.0, 2.0], "c": [4.0, 8.0]}
+
+    def bench(fn, warmup, rep, return_mode):
+        name = fn()
+        calls.append((name, warmup, rep))
+        assert return_mode == "all"
+        return [t * (1 + (len(calls) - 1) // 3) for t in times[name]]      # drifts by round, alike for all
+
+    fns = {k: (lambda k=k: k) for k in times}
+    stats = common.time_cuda_interleaved(fns, rounds=4, warmup_ms=25, rep_ms=100, bench=bench)
+    rounds = [calls[i:i + 3] for i in range(0, 12, 3)]
+    assert all(sorted(c[0] for c in rnd) == ["a", "b", "c"] for rnd in rounds)
+    assert len({tuple(c[0] for c in rnd) for rnd in rounds}) > 1          # shuffled per round
+    assert all(c[1] == 25 for c in rounds[0]) and all(c[1] == 1 for rnd in rounds[1:] for c in rnd)
+    assert all(c[2] == 25 for c in calls)
+    for st in stats.values():
+        assert len(st["round_ms"]) == 4 and st["q20_ms"] <= st["median_ms"] <= st["q80_ms"]
+    pr = common.paired_ratio(stats["c"], stats["a"])
+    assert pr["n"] == 4 and math.isclose(pr["median"], 3.0)               # (4 + 8) / (1 + 3) in every round
+    assert common.paired_ratio(stats["c"], {"median_ms": 1.0}) is None    # no rounds, no paired figure
+
+
+def test_report_reads_files_with_and_without_paired_ratios(smoke_runs):
+    _, ops, _ = smoke_runs
+    data = common.load_results(ops["path"])
+    assert " p" in report.ops_table(data)
+    for r in data["records"]:                                              # a results file from before the change
+        for k in ("paired_vs_eager", "paired_vs_eager_q20", "paired_vs_eager_q80", "round_ms"):
+            r.pop(k, None)
+    old = report.ops_table(data)
+    assert " p" not in old.replace("| op", "") and "x" in old
 
 
 def test_bench_train_step_smoke_records(smoke_runs):

@@ -175,17 +175,35 @@ def test_coupling_spanning_several_tiles_sums_partials():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64])
 def test_squeeze2x2_matches_reference(device, alt_order, dtype):
     torch.manual_seed(4)
-    for shape in ((1, 1, 2, 2), (2, 3, 6, 4), (0, 2, 2, 2)):
+    # odd batch / channel counts; (2, 3, 180, 4): several row-pair tiles per sample; (3, 1, 2, 1030): W/2 = 515 spans
+    # three column tiles, the last one partly masked
+    for shape in ((1, 1, 2, 2), (2, 3, 6, 4), (0, 2, 2, 2), (3, 5, 6, 10), (5, 7, 2, 14), (2, 3, 180, 4),
+                  (3, 1, 2, 1030)):
         x = (torch.randn(shape, device=device) * 100).to(dtype)
         with use("triton"):
             y = F.squeeze2x2(x, alt_order=alt_order)
             back = F.squeeze2x2(y, reverse=True, alt_order=alt_order)
-        assert torch.equal(y, R.squeeze2x2(x, False, alt_order))
-        assert torch.equal(back, x)
+            z = (torch.randn(y.shape, device=device) * 100).to(dtype)      # reverse of data not made by forward
+            z_back = F.squeeze2x2(z, reverse=True, alt_order=alt_order)
+        assert torch.equal(y, R.squeeze2x2(x, False, alt_order)), shape
+        assert torch.equal(back, x), shape
+        assert torch.equal(z_back, R.squeeze2x2(z, True, alt_order)), shape
     x = torch.randn(2, 8, 4, 6, device=device).to(dtype).transpose(2, 3)   # non-contiguous, channels % 4 == 0
     with use("triton"):
         assert torch.equal(F.squeeze2x2(x, reverse=True, alt_order=alt_order), R.squeeze2x2(x, True, alt_order))
         assert torch.equal(F.squeeze2x2(x, alt_order=alt_order), R.squeeze2x2(x, False, alt_order))
+
+
+@pytest.mark.parametrize("alt_order", [False, True])
+def test_squeeze2x2_wide_index_variant_matches(monkeypatch, alt_order):
+    """The int64 variant (IDX64, for samples of 2^31 elements or more, too large to run here) forced on small inputs."""
+    from flowgmm_fast.kernels import squeeze
+
+    monkeypatch.setattr(squeeze, "wide_index", lambda *extents: True)
+    x = torch.randn(3, 5, 6, 10, device=DEVICES[0])
+    y = squeeze.squeeze2x2(x, False, alt_order)
+    assert torch.equal(y, R.squeeze2x2(x, False, alt_order))
+    assert torch.equal(squeeze.squeeze2x2(y, True, alt_order), x)
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -454,7 +472,16 @@ def _kernel_specs():
                                              IDX64=True)),
         (coupling._coupling_bwd_kernel, dict(HAS_SCALE=False, MASK_MODE=0, REVERSE=False, BLOCK_C=4096, BLOCK_S=1,
                                              IDX64=False)),
-        (squeeze._squeeze2x2_kernel, dict(REVERSE=True, ALT_ORDER=True, BLOCK=1024)),
+        (coupling._coupling_vec_fwd_kernel, dict(HAS_SCALE=True, HAS_MASK=True, REVERSE=False, HAS_SLDJ=True,
+                                                 ONE_TILE=True, BLOCK_B=4, BLOCK_D=1024)),
+        (coupling._coupling_vec_fwd_kernel, dict(HAS_SCALE=False, HAS_MASK=False, REVERSE=True, HAS_SLDJ=False,
+                                                 ONE_TILE=False, BLOCK_B=512, BLOCK_D=8)),
+        (coupling._coupling_vec_bwd_kernel, dict(HAS_SCALE=True, HAS_MASK=True, REVERSE=True, BLOCK_B=512,
+                                                 BLOCK_D=8)),
+        (coupling._coupling_vec_bwd_kernel, dict(HAS_SCALE=False, HAS_MASK=False, REVERSE=False, BLOCK_B=4,
+                                                 BLOCK_D=1024)),
+        (squeeze._squeeze2x2_kernel, dict(REVERSE=True, ALT_ORDER=True, BLOCK_R=2, BLOCK_W=256, IDX64=True)),
+        (squeeze._squeeze2x2_kernel, dict(REVERSE=False, ALT_ORDER=False, BLOCK_R=32, BLOCK_W=16, IDX64=False)),
         (logit._logit_fwd_kernel, dict(HAS_NOISE=True, REVERSE=False, HAS_SLDJ=True, ONE_TILE=False, BLOCK=1024)),
         (logit._logit_bwd_kernel, dict(HAS_NOISE=False, NOISE_GRAD=False, REVERSE=True, BLOCK=1024)),
         (logit._logit_bwd_kernel, dict(HAS_NOISE=True, NOISE_GRAD=True, REVERSE=False, BLOCK=1024)),

@@ -22,15 +22,32 @@ Tensor squeeze2x2(const Tensor& x_, bool reverse, bool alt_order) {
   AT_DISPATCH_ALL_TYPES_AND3(at::kHalf, at::kBFloat16, at::kBool, x.scalar_type(), "squeeze2x2_cpu", [&] {
     const scalar_t* src = x.data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
-    // rows (b, oc, h) of the squeezed tensor
-    at::parallel_for(0, B * 4 * C * H2, std::max<int64_t>(1, 4096 / W2), [&](int64_t begin, int64_t end) {
+    // Row pairs r = (b, c, h): unsqueezed rows 2h and 2h + 1 of channel c, the 4 W2 contiguous elements from r * 4 W2,
+    // each row split into its even (j = 0) and odd (j = 1) columns, which are contiguous rows of W2 in the squeezed
+    // tensor. (b, c, h) is divided out once per chunk and then counted up: no division per row or element.
+    const int64_t N = 4 * C * H2 * W2, plane = H2 * W2;
+    at::parallel_for(0, B * C * H2, std::max<int64_t>(1, 4096 / (4 * W2)), [&](int64_t begin, int64_t end) {
+      int64_t h = begin % H2, c = (begin / H2) % C, b = begin / (C * H2);
       for (int64_t r = begin; r < end; ++r) {
-        const int64_t h = r % H2, boc = r / H2, oc = boc % (4 * C), b = boc / (4 * C);
-        const int64_t base = math::squeeze_unsq_offset(b, oc, h, 0, C, H2, W2, alt_order);
-        if (reverse) {
-          for (int64_t w = 0; w < W2; ++w) dst[base + 2 * w] = src[r * W2 + w];
-        } else {
-          for (int64_t w = 0; w < W2; ++w) dst[r * W2 + w] = src[base + 2 * w];
+        for (int64_t i = 0; i < 2; ++i) {
+          const int64_t u = (2 * r + i) * (2 * W2);
+          const int64_t q0 = b * N + math::squeeze_channel<int64_t>(c, i, 0, C, alt_order) * plane + h * W2;
+          const int64_t q1 = b * N + math::squeeze_channel<int64_t>(c, i, 1, C, alt_order) * plane + h * W2;
+          if (reverse) {
+            for (int64_t w = 0; w < W2; ++w) {
+              dst[u + 2 * w] = src[q0 + w];
+              dst[u + 2 * w + 1] = src[q1 + w];
+            }
+          } else {
+            for (int64_t w = 0; w < W2; ++w) {
+              dst[q0 + w] = src[u + 2 * w];
+              dst[q1 + w] = src[u + 2 * w + 1];
+            }
+          }
+        }
+        if (++h == H2) {
+          h = 0;
+          if (++c == C) c = 0, ++b;
         }
       }
     });

@@ -1,9 +1,15 @@
 // 2x2 squeeze (a permutation; any dtype) and the logit preprocessing with its per-sample log-det on CUDA.
-// Squeeze: one thread per element (grid-stride), gather (forward) or scatter (reverse) through
-// flowgmm_math.h's squeeze_unsq_offset. Logit forward: the column-tiled per-sample layout of coupling.cu with the
-// log-det reduced per warp into a (B, column blocks * warps) partials buffer that ATen sums in a fixed order
-// (deterministic: no float atomics); backward: elementwise. The tensor's device (guard) and its current stream.
-#include "common.cuh"
+// Squeeze: one thread per adjacent column pair (2w, 2w + 1) of an unsqueezed row (grid.y walks the samples), so a warp
+// reads / writes the unsqueezed rows contiguously and the two squeezed rows (j = 0, 1) contiguously; int32 indexing
+// within a sample (int64 past 2^31 elements) with precomputed multiply-shift dividers, int64 per-sample base.
+// Logit forward: the column-tiled per-sample layout of coupling.cu with the log-det reduced per warp into a
+// (B, column blocks * warps) partials buffer that ATen sums in a fixed order (deterministic: no float atomics);
+// backward: elementwise. The tensor's device (guard) and its current stream.
+#include <cstdint>
+#include <type_traits>
+
+#include "common.cuh"  // first: IntegerDivider.cuh relies on the c10 macros it pulls in
+#include <ATen/cuda/detail/IntegerDivider.cuh>
 #include "flowgmm_math.h"
 #include "ops.h"
 
@@ -15,17 +21,53 @@ using cuda_detail::kThreads;
 using cuda_detail::kWarps;
 using cuda_detail::warp_sum;
 
-template <typename scalar_t>
+// Thread p of sample b owns unsqueezed elements 2p and 2p + 1 (row q = p / W2 = 2 (c H2 + h) + i, column pair w =
+// p % W2) and element w of squeezed rows (o(c, i, j), h) for j = 0, 1. index_t is int32 when a sample has fewer than
+// 2^31 elements (IntDivider<uint32_t>: a multiply-high and shift per division), else int64 (plain division).
+template <typename scalar_t, typename index_t>
 __global__ void __launch_bounds__(kThreads) squeeze_kernel(const scalar_t* __restrict__ src, scalar_t* __restrict__ dst,
-                                                          int64_t total, int64_t C, int64_t H2, int64_t W2, bool alt,
-                                                          bool reverse) {
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const int64_t w = i % W2, h = (i / W2) % H2, oc = (i / (W2 * H2)) % (4 * C), b = i / (W2 * H2 * 4 * C);
-    const int64_t off = math::squeeze_unsq_offset(b, oc, h, w, C, H2, W2, alt);
-    if (reverse) dst[off] = src[i];
-    else dst[i] = src[off];
+                                                          int64_t B, index_t pairs, index_t C, index_t H2, index_t W2,
+                                                          at::cuda::detail::IntDivider<std::make_unsigned_t<index_t>> by_w2,
+                                                          at::cuda::detail::IntDivider<std::make_unsigned_t<index_t>> by_h2,
+                                                          bool alt, bool reverse) {
+  using uindex_t = std::make_unsigned_t<index_t>;
+  const index_t p = static_cast<index_t>(blockIdx.x) * kThreads + static_cast<index_t>(threadIdx.x);
+  if (p >= pairs) return;
+  const auto qw = by_w2.divmod(static_cast<uindex_t>(p));
+  const index_t q = static_cast<index_t>(qw.div), w = static_cast<index_t>(qw.mod);
+  const index_t i = q & 1;
+  const auto ch = by_h2.divmod(static_cast<uindex_t>(q >> 1));
+  const index_t c = static_cast<index_t>(ch.div), h = static_cast<index_t>(ch.mod);
+  const index_t plane = H2 * W2, hw = h * W2 + w;
+  const index_t q0 = math::squeeze_channel<index_t>(c, i, 0, C, alt) * plane + hw;
+  const index_t q1 = math::squeeze_channel<index_t>(c, i, 1, C, alt) * plane + hw;
+  const index_t u = 2 * p;
+  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
+    const int64_t base = b * (2 * static_cast<int64_t>(pairs));
+    const scalar_t* s = src + base;
+    scalar_t* d = dst + base;
+    if (reverse) {
+      d[u] = s[q0];
+      d[u + 1] = s[q1];
+    } else {
+      d[q0] = s[u];
+      d[q1] = s[u + 1];
+    }
   }
+}
+
+template <typename scalar_t, typename index_t>
+void launch_squeeze(const Tensor& x, Tensor& out, const SqueezeGeometry& g, bool alt, bool reverse) {
+  using div_t = at::cuda::detail::IntDivider<std::make_unsigned_t<index_t>>;
+  const int64_t pairs = 2 * g.C * g.H2 * g.W2;
+  const dim3 grid(static_cast<unsigned>(cuda_detail::ceil_div(pairs, kThreads)),
+                  static_cast<unsigned>(std::min<int64_t>(g.B, 65535)));
+  squeeze_kernel<scalar_t, index_t><<<grid, kThreads, 0, cuda_detail::stream()>>>(
+      x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), g.B, static_cast<index_t>(pairs),
+      static_cast<index_t>(g.C), static_cast<index_t>(g.H2), static_cast<index_t>(g.W2),
+      div_t(static_cast<std::make_unsigned_t<index_t>>(g.W2)), div_t(static_cast<std::make_unsigned_t<index_t>>(g.H2)),
+      alt, reverse);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename scalar_t>
@@ -90,12 +132,12 @@ Tensor squeeze2x2(const Tensor& x_, bool reverse, bool alt_order) {
   const Tensor x = x_.contiguous();
   const SqueezeGeometry g = squeeze_geometry(x, reverse);
   Tensor out = squeeze_output(x, g, reverse);
-  const int64_t total = x.numel();
-  if (total == 0) return out;
+  if (x.numel() == 0) return out;
+  // int32 within a sample while its elements (and the dividers' operands) stay below 2^31
+  const bool narrow = 4 * g.C * g.H2 * g.W2 < (int64_t(1) << 31);
   AT_DISPATCH_ALL_TYPES_AND3(at::kHalf, at::kBFloat16, at::kBool, x.scalar_type(), "squeeze2x2_cuda", [&] {
-    squeeze_kernel<scalar_t><<<elementwise_blocks(total), kThreads, 0, cuda_detail::stream()>>>(
-        x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), total, g.C, g.H2, g.W2, alt_order, reverse);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (narrow) launch_squeeze<scalar_t, int32_t>(x, out, g, alt_order, reverse);
+    else launch_squeeze<scalar_t, int64_t>(x, out, g, alt_order, reverse);
   });
   return out;
 }
