@@ -131,13 +131,13 @@ class CouplingStep(Step):
         # conditioning() reads only kept positions, equal in x and y: a leaf of either gives the s/t path's gradient
         src = (x if x is not None else y).detach().requires_grad_(need_gx)
         with torch.enable_grad(), replay_rng():
-            s, t = layer.st(layer.conditioning(src))
+            st = layer.st_joint(layer.conditioning(src))  # whole: its gradient comes back as one buffer (no cat)
         if x is None:
             with torch.no_grad():
-                x, _ = layer.couple(y, s.detach(), t.detach(), reverse=True)
+                x, _ = layer.couple(y, st.detach(), None, reverse=True)
         x_leaf = x.detach().requires_grad_(need_gx)
         with torch.enable_grad():
-            y2, ldj = layer.couple(x_leaf, s, t)
+            y2, ldj = layer.couple(x_leaf, st, None)
         grads = _vjp((y2, ldj), (gy, gsldj), [x_leaf, src, *params])
         return x_leaf.detach(), (_sum(grads[0], grads[1]) if need_gx else None), grads[2:]
 
