@@ -128,7 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Adam steps each parameter inside the backward pass and frees its gradient (the same updates; "
                         "a step holds one gradient at a time). No gradient clipping (--max_grad_norm cannot be given "
                         "with it); not with --distributed")
-    p.add_argument("--schedule", default="constant", choices=["constant", "cosine"], help="per-step lr schedule")
+    p.add_argument("--schedule", default="constant", choices=["constant", "cosine"],
+                   help="per-step lr schedule; cosine decays to 0 over the run's steps, or with --time_limit over "
+                        "its time budget (the share spent, updated at each epoch end)")
     p.add_argument("--no_augment", action="store_true",
                    help="no random crop/flip (x1, x2 then differ only in their dequantisation noise)")
     p.add_argument("--crop_padding", default=4, type=int, help="zero padding of the random crop (pixels)")
@@ -348,7 +350,12 @@ def main(argv=None):
     prior_params = [p for p in model.prior.parameters() if p.requires_grad]
     if prior_params:
         optimizers["gmm"] = torch.optim.Adam(prior_params, lr=args.lr_gmm, weight_decay=0.0)
-    schedulers = {name: make_lr_scheduler(opt, args.schedule, max_steps, warmup_steps=args.warmup_steps)
+    # --schedule cosine with --time_limit: the cosine follows the share of the time budget spent (updated at each
+    # epoch end; a resumed run starts from the checkpoint's share and spends the rest over its own budget)
+    time_progress = [0.0, 0.0]  # [share spent, share at the start of this run]
+    by_time = args.schedule == "cosine" and args.time_limit is not None
+    schedulers = {name: make_lr_scheduler(opt, args.schedule, max_steps, warmup_steps=args.warmup_steps,
+                                          progress=(lambda: time_progress[0]) if by_time else None)
                   for name, opt in optimizers.items()}
     net = wrap_model(model, info)
     if args.compile:
@@ -359,13 +366,16 @@ def main(argv=None):
     trainer = Trainer(net, optimizers, schedulers=schedulers, steps_per_epoch=spe, max_grad_norm=args.max_grad_norm,
                       ckpt_path=ckpt_path, logger=logger, autocast_dtype=autocast_dtype,
                       check_every=1 if info.device.type == "cpu" else args.log_freq,
-                      extra_state=lambda: {"args": vars(args), "labeled_idx": [int(i) for i in labeled]},
+                      extra_state=lambda: {"args": vars(args), "labeled_idx": [int(i) for i in labeled],
+                                           "time_progress": time_progress[0]},
                       step_in_backward=args.step_in_backward)
     if resume is not None:
         extra = trainer.resume(resume)
         if "labeled_idx" in extra and extra["labeled_idx"] != [int(i) for i in labeled]:
             raise SystemExit(f"--resume: {resume} was trained on other labeled indices than --label_path "
                              f"{args.label_path} gives")
+        if by_time:
+            time_progress[:] = [float(extra.get("time_progress", 0.0))] * 2
         for name, opt_name in (("lr", "flow"), ("lr_gmm", "gmm")):
             if name in changes and opt_name in optimizers:
                 set_learning_rate(optimizers[opt_name], schedulers[opt_name], getattr(args, name))
@@ -424,10 +434,12 @@ def main(argv=None):
         epoch_s = now - epoch_started[0] - (eval_time[0] - epoch_started[1])
         epoch_started[:] = [now, eval_time[0]]
         train_s = now - start - eval_time[0]
-        stop = torch.tensor(float(train_s + epoch_s > 60 * args.time_limit), device=info.device)
+        stop = torch.tensor([float(train_s + epoch_s > 60 * args.time_limit),
+                             min(train_s / (60 * args.time_limit), 1.0)], device=info.device)
         if info.distributed:
             torch.distributed.broadcast(stop, 0)
-        if bool(stop):
+        time_progress[0] = time_progress[1] + (1.0 - time_progress[1]) * float(stop[1])
+        if bool(stop[0]):
             stopping[0] = True
             tr.request_stop()
 

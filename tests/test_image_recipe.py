@@ -13,6 +13,7 @@ from test_data_images import write_idx
 
 import flowgmm_fast
 from flowgmm_fast.data import load_image_dataset
+from flowgmm_fast.training import read_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -121,14 +122,25 @@ def test_idx_dataset_by_name_prepare_then_train_with_the_preset(tmp_path, script
     assert "resumed from" in out and "prior from the labeled points" not in out
     assert json.loads(out.split("final ", 1)[1].splitlines()[0])["steps"] == 3
 
-    # --time_limit: a limit any epoch passes ends the run at the first epoch end (5 steps), not at --max_steps
+    # --time_limit: a limit any epoch passes ends the run at the first epoch end (5 steps), not at --max_steps;
+    # with --schedule cosine the schedule follows the budget's share spent (all of it here), not the 12 steps
     script.main(["--dataset", "fashion_mnist", f"--data_path={images}", f"--label_path={split}",
                  f"--logdir={tmp_path / 'tb2'}", f"--ckptdir={tmp_path / 'ck2'}", "--mid_channels=4", "--num_blocks=1",
                  "--batch_size=8", "--max_steps=12", "--time_limit=1e-6", "--curve_eval_limit=4", "--backend=torch",
-                 "--log_freq=1",
-                 "--eval_batch_size=8"])
+                 "--log_freq=1", "--schedule=cosine", "--eval_batch_size=8"])
     final = json.loads(capsys.readouterr().out.split("final ", 1)[1].splitlines()[0])
     assert final["steps"] == 5 and final["epoch"] == 1.0 and final["test_n"] == 20  # the final evaluation: all
+    ckpt = read_checkpoint(tmp_path / "ck2" / "last.pt")
+    assert ckpt["extra"]["time_progress"] == 1.0
+    # resumed, the run starts from the checkpoint's share: the budget is spent, so its step's lr is the cosine's end
+    script.main(["--dataset", "fashion_mnist", f"--data_path={images}", f"--label_path={split}",
+                 f"--logdir={tmp_path / 'tb2'}", f"--ckptdir={tmp_path / 'ck2'}", "--mid_channels=4", "--num_blocks=1",
+                 "--batch_size=8", "--max_steps=6", "--time_limit=1e-6", "--curve_eval_limit=4", "--backend=torch",
+                 "--log_freq=1", "--schedule=cosine", "--eval_batch_size=8", "--resume=auto"])
+    assert json.loads(capsys.readouterr().out.split("final ", 1)[1].splitlines()[0])["steps"] == 6
+    ckpt = read_checkpoint(tmp_path / "ck2" / "last.pt")
+    assert ckpt["extra"]["time_progress"] == 1.0
+    assert ckpt["schedulers"]["flow"]["_last_lr"][0] == pytest.approx(0.0, abs=1e-12)
 
     # --supervised_only: whole batches of labeled images (none of the batch is spent on unlabeled rows the loss
     # drops), so an epoch over the 20 labeled images is 20 // 8 = 2 steps, not 20 // 4 = 5

@@ -252,6 +252,19 @@ def test_rampup_and_schedules():
     assert lrs == pytest.approx([1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 + math.cos(3 * math.pi / 4))])
     with pytest.raises(ValueError, match="lr schedule"):
         make_lr_scheduler(opt, "step")
+    # a progress callable (a time budget's share) replaces step / total_steps, clipped to [0, 1]; no total needed
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    share = [0.0]
+    sched = make_lr_scheduler(opt, "cosine", progress=lambda: share[0])
+    lrs = []
+    for value in (0.5, 1.5, -1.0):
+        share[0] = value
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs == pytest.approx([1.0, 0.0, 2.0])
+    with pytest.raises(TypeError, match="progress"):
+        make_lr_scheduler(opt, "cosine", progress=0.5)
 
 
 def test_logger_writes_events_and_one_line_summary(tmp_path, capsys):

@@ -4,7 +4,7 @@ the optimizer step fused into the backward pass (:class:`StepInBackward`)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -39,13 +39,20 @@ def linear_rampup(current: float, rampup_length: float) -> float:
 
 
 def make_lr_scheduler(optimizer: torch.optim.Optimizer, kind: str = "constant", total_steps: int | None = None,
-                      warmup_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+                      warmup_steps: int = 0, progress: Callable[[], float] | None = None
+                      ) -> torch.optim.lr_scheduler.LambdaLR:
     """A per-step learning-rate schedule: ``"constant"`` (the image script's default) or ``"cosine"`` (to 0 at
-    ``total_steps``, the tabular default), both after an optional linear warm-up of ``warmup_steps``."""
+    ``total_steps``, the tabular default), both after an optional linear warm-up of ``warmup_steps``.
+
+    progress: for ``"cosine"``, a callable giving the run's progress in [0, 1] (clipped) that replaces
+    ``step / total_steps`` -- e.g. the fraction of a wall-time budget spent (the image script's ``--time_limit``);
+    it is read at every ``scheduler.step()``."""
     if kind not in ("constant", "cosine"):
         raise ValueError(f"kind (the lr schedule) must be 'constant' or 'cosine', got {kind!r}")
-    if kind == "cosine" and (total_steps is None or total_steps < 1):
+    if kind == "cosine" and progress is None and (total_steps is None or total_steps < 1):
         raise ValueError(f"the cosine schedule needs total_steps >= 1, got {total_steps!r}")
+    if progress is not None and not callable(progress):
+        raise TypeError(f"progress must be a callable returning a float in [0, 1], got {type(progress).__name__}")
     if warmup_steps < 0:
         raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
 
@@ -53,8 +60,8 @@ def make_lr_scheduler(optimizer: torch.optim.Optimizer, kind: str = "constant", 
         warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
         if kind == "constant":
             return warm
-        progress = min(step / total_steps, 1.0)
-        return warm * 0.5 * (1.0 + math.cos(math.pi * progress))
+        done = min(max(float(progress()), 0.0), 1.0) if progress is not None else min(step / total_steps, 1.0)
+        return warm * 0.5 * (1.0 + math.cos(math.pi * done))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
