@@ -6,8 +6,10 @@ row is unlabeled (-1). Every method sees the same split and is scored on the sam
 
 Methods (scikit-learn defaults unless said; the baselines get the usual StandardScaler fitted on all training rows):
   FlowGMM              flowgmm_fast.FlowGMMClassifier(random_state=seed) on the raw features (its own preprocessing)
-  FlowGMM[graph]       the same fitted model with the graph step added (``set_params(n_neighbors=7).fit_graph``:
-                       what FlowGMMClassifier(n_neighbors=7) predicts), an ablation that costs no second fit
+  FlowGMM[flow]        the same fitted flows without the prediction steps (``set_params(n_neighbors=0,
+                       distill=False).fit_graph``: FlowGMM's own posteriors), an ablation that costs no second fit
+  FlowGMM[graph]       the same, with the graph step only (n_neighbors=7, distill=False)
+  FlowGMM[student]     the same, with the student step only (n_neighbors=0, distill=True)
   LabelSpreading-knn   LabelSpreading(kernel="knn")
   LabelSpreading-rbf   LabelSpreading(kernel="rbf")
   SelfTraining-LR      SelfTrainingClassifier(LogisticRegression(max_iter=1000))
@@ -91,13 +93,15 @@ def make_split(x, y, per_class: int, seed: int):
     return x_tr, labels, x_te, y_te, y_tr
 
 
-GRAPH = "FlowGMM[graph]"
-GRAPH_NEIGHBORS = 7
+# rows computed from the "FlowGMM" fit with other prediction steps (FlowGMMClassifier.fit_graph: no retraining)
+ABLATIONS = {"FlowGMM[flow]": {"n_neighbors": 0, "distill": False},
+             "FlowGMM[graph]": {"n_neighbors": 7, "distill": False},
+             "FlowGMM[student]": {"n_neighbors": 0, "distill": True}}
 
 
 def run_method(method: str, x_tr, labels, x_te, y_tr, seed: int, quick: bool, variants: dict) -> dict:
     """{row name: predicted test classes} of one method (``variants``: extra FlowGMM rows, name -> parameter
-    overrides). "FlowGMM" also gives the :data:`GRAPH` row from the same fit."""
+    overrides). "FlowGMM" also gives the :data:`ABLATIONS` rows from the same fit."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.neural_network import MLPClassifier
     from sklearn.preprocessing import StandardScaler
@@ -113,7 +117,8 @@ def run_method(method: str, x_tr, labels, x_te, y_tr, seed: int, quick: bool, va
             clf.set_params(max_epochs=3, n_estimators=1)
         out = {method: clf.fit(x_tr, labels).predict(x_te)}
         if method == "FlowGMM":
-            out[GRAPH] = clf.set_params(n_neighbors=GRAPH_NEIGHBORS).fit_graph(x_tr, labels).predict(x_te)
+            for name, params in ABLATIONS.items():
+                out[name] = clf.set_params(**params).fit_graph(x_tr, labels).predict(x_te)
         return out
     scaler = StandardScaler().fit(x_tr)
     a, b = scaler.transform(x_tr), scaler.transform(x_te)
@@ -145,7 +150,7 @@ def run_cell(table: str, per_class: int, seed: int, methods, data_dir: str, quic
     x_tr, labels, x_te, y_te, y_tr = make_split(x, y, per_class, seed)
     rows = []
     for method in methods:
-        if method == GRAPH:
+        if method in ABLATIONS:
             continue  # a by-product of the "FlowGMM" fit
         t0 = time.perf_counter()
         preds = run_method(method, x_tr, labels, x_te, y_tr, seed, quick, variants)
@@ -253,8 +258,9 @@ def main(argv=None) -> int:
             p.error(f"--variant {v!r}: {exc}")
     methods = args.methods[:1] + list(variants) + args.methods[1:] if args.methods[:1] == ["FlowGMM"] else \
         list(variants) + args.methods
-    if "FlowGMM" in methods:  # its graph ablation comes from the same fit, listed right after it
-        methods.insert(methods.index("FlowGMM") + 1, GRAPH)
+    if "FlowGMM" in methods:  # its ablations come from the same fit, listed right after it
+        at = methods.index("FlowGMM") + 1
+        methods[at:at] = list(ABLATIONS)
     if any(n < 1 for n in args.labels) or args.jobs < 1:
         p.error("--labels and --jobs must be >= 1")
     os.makedirs(args.out, exist_ok=True)

@@ -63,7 +63,7 @@ PRESETS = {
     # FlowGMM (no consistency term) on a 28x28 grayscale dataset with ~1000 labels on a small CPU, with --time_limit
     "mnist-cpu": {"mid_channels": 16, "num_blocks": 1, "batch_size": 32, "flow_init": "identity",
                   "means_init": "labeled", "std_init": "labeled", "means_trainable": True,
-                  "weights_trainable": True, "lr": 3e-4,
+                  "weights_trainable": True, "lr": 3e-4, "schedule": "cosine",
                   "warmup_steps": 100, "label_weight": 10.0, "consistency_weight": 0.0, "crop_padding": 2,
                   "threads": 1},
 }

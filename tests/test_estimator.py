@@ -19,6 +19,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 from flowgmm_fast import FlowGMMClassifier
 from flowgmm_fast.data.tabular import labels_per_class
 from flowgmm_fast.estimator import unlabeled_mask
+from flowgmm_fast.student import LogisticStudent
 
 FAST = dict(n_estimators=1, max_epochs=20, random_state=0)
 
@@ -248,10 +249,10 @@ def test_equal_label_weight_is_the_batch_over_labeled_ratio():
 def test_graph_step_spreads_the_flows_posteriors_and_fit_graph_adds_it_without_retraining():
     x, y = _blobs(n=200)
     ys = _semi(y)
-    plain = FlowGMMClassifier(**FAST).fit(x, ys)
-    graph = FlowGMMClassifier(**{**FAST, "n_neighbors": 7}).fit(x, ys)
-    assert plain.spreading_ is None and graph.spreading_ is not None
-    # the training does not depend on the graph; n_neighbors=0 (the default) predicts with the flow's posteriors
+    plain = FlowGMMClassifier(**{**FAST, "n_neighbors": 0, "distill": False}).fit(x, ys)
+    graph = FlowGMMClassifier(**{**FAST, "n_neighbors": 7, "distill": False}).fit(x, ys)
+    assert plain.spreading_ is None and graph.spreading_ is not None and graph.student_ is None
+    # the training does not depend on the graph; without any step the prediction is the flow's posteriors
     np.testing.assert_array_equal(graph.flow_proba(x), plain.flow_proba(x))
     np.testing.assert_array_equal(plain.predict_proba(x), plain.flow_proba(x))
     proba = graph.predict_proba(x)
@@ -275,3 +276,28 @@ def test_graph_step_spreads_the_flows_posteriors_and_fit_graph_adds_it_without_r
     for bad in ({"n_neighbors": -1}, {"spreading_alpha": 1.0}, {"spreading_start": -0.5}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             FlowGMMClassifier(**{**FAST, **bad}).fit(x, ys)
+
+
+def test_default_prediction_averages_the_graph_and_the_student_which_travel_with_the_model(tmp_path):
+    x, y = _blobs(n=200)
+    ys = _semi(y)
+    clf = FlowGMMClassifier(**FAST).fit(x, ys)  # defaults: n_neighbors=7, distill=True
+    assert clf.spreading_ is not None and clf.student_ is not None
+    q = clf.preprocessor_.transform(x)
+    proba = clf.predict_proba(x)
+    np.testing.assert_allclose(proba, (clf.spreading_.predict_proba(q) + clf.student_.predict_proba(q)) / 2,
+                               rtol=0, atol=1e-12)
+    # the student is fitted to the flow's posteriors on the training rows (labeled rows with their labels)
+    student = LogisticStudent(C=0.1, labeled_weight=5.0).fit(q, clf.flow_proba(x), ys)
+    np.testing.assert_allclose(clf.student_.predict_proba(q), student.predict_proba(q), atol=1e-12)
+    # each step alone, from the same flows (fit_graph rebuilds the steps without retraining)
+    only_student = pickle.loads(pickle.dumps(clf)).set_params(n_neighbors=0).fit_graph(x, ys)
+    assert only_student.spreading_ is None
+    np.testing.assert_allclose(only_student.predict_proba(x), clf.student_.predict_proba(q), atol=1e-12)
+    # save/load (no pickle) and pickle give the same probabilities, with the steps the model was fitted with
+    clf.save(tmp_path / "m")
+    np.testing.assert_array_equal(FlowGMMClassifier.load(tmp_path / "m").predict_proba(x), proba)
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(clf)).predict_proba(x), proba)
+    with pytest.raises(ValueError, match="distill"):
+        FlowGMMClassifier(**{**FAST, "distill": "yes"}).fit(x, ys)
+
