@@ -32,6 +32,22 @@ def _check_real(name, value, lo, hi=None, lo_closed=True):
     return float(value)
 
 
+def check_posterior_inputs(x, start, labels):
+    """The inputs of a step fitted from a model's posteriors: ``x`` (n, d) and ``start`` (n, K) as float64,
+    ``labels`` (n,) holding -1 (unlabeled) or a class code in [0, K); a clear error otherwise."""
+    x = np.ascontiguousarray(x, dtype=np.float64)
+    start = np.asarray(start, dtype=np.float64)
+    labels = np.asarray(labels)
+    if x.ndim != 2 or start.ndim != 2 or labels.ndim != 1 or not (x.shape[0] == start.shape[0] == labels.shape[0]):
+        raise ValueError(f"x (n, d), start (n, K) and labels (n,) must agree in n; got {x.shape}, {start.shape}, "
+                         f"{labels.shape}")
+    k_classes = start.shape[1]
+    if labels.min(initial=0) < -1 or labels.max(initial=-1) >= k_classes:
+        raise ValueError(f"labels must be -1 (unlabeled) or a class code in [0, {k_classes}), got values in "
+                         f"[{labels.min()}, {labels.max()}]")
+    return x, start, labels
+
+
 class KNNSpreading:
     """Label spreading on the kNN graph of ``x`` (n_rows, n_features).
 
@@ -60,18 +76,10 @@ class KNNSpreading:
     def fit(self, x, start, labels) -> "KNNSpreading":
         from scipy import sparse
 
-        x = np.ascontiguousarray(x, dtype=np.float64)
-        start = np.asarray(start, dtype=np.float64)
-        labels = np.asarray(labels)
-        if x.ndim != 2 or start.ndim != 2 or labels.ndim != 1 or not (x.shape[0] == start.shape[0] == labels.shape[0]):
-            raise ValueError(f"x (n, d), start (n, K) and labels (n,) must agree in n; got {x.shape}, {start.shape}, "
-                             f"{labels.shape}")
+        x, start, labels = check_posterior_inputs(x, start, labels)
         n, k_classes = start.shape
         if n < 2:
             raise ValueError(f"x needs at least 2 rows for a neighbour graph, got {n}")
-        if labels.min(initial=0) < -1 or labels.max(initial=-1) >= k_classes:
-            raise ValueError(f"labels must be -1 (unlabeled) or a class code in [0, {k_classes}), got values in "
-                             f"[{labels.min()}, {labels.max()}]")
         self.x_ = x
         self.k_ = min(self.n_neighbors, n - 1)
         self._nn = None

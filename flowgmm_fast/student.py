@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .graph import _check_real
+from .graph import _check_real, check_posterior_inputs
 from .nn._checks import check_int
 
 __all__ = ["LogisticStudent"]
@@ -40,16 +40,8 @@ class LogisticStudent:
     def fit(self, x, start, labels) -> "LogisticStudent":
         from sklearn.linear_model import LogisticRegression
 
-        x = np.ascontiguousarray(x, dtype=np.float64)
-        start = np.asarray(start, dtype=np.float64)
-        labels = np.asarray(labels)
-        if x.ndim != 2 or start.ndim != 2 or labels.ndim != 1 or not (x.shape[0] == start.shape[0] == labels.shape[0]):
-            raise ValueError(f"x (n, d), start (n, K) and labels (n,) must agree in n; got {x.shape}, {start.shape}, "
-                             f"{labels.shape}")
+        x, start, labels = check_posterior_inputs(x, start, labels)
         k_classes = start.shape[1]
-        if labels.min(initial=0) < -1 or labels.max(initial=-1) >= k_classes:
-            raise ValueError(f"labels must be -1 (unlabeled) or a class code in [0, {k_classes}), got values in "
-                             f"[{labels.min()}, {labels.max()}]")
         lab = labels >= 0
         unl = np.flatnonzero(~lab)
         if unl.size * k_classes > self.max_rows:
