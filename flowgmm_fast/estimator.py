@@ -46,10 +46,10 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._version import __version__
 from .graph import KNNSpreading
-from .student import LogisticStudent
 from .model import FlowGMM
 from .preprocessing import QuantileGaussianizer
 from .semisup import FitConfig, build_tabular_flowgmm, fit_flowgmm, init_means_from_labeled, init_std_from_labeled
+from .student import LogisticStudent
 
 __all__ = ["FlowGMMClassifier", "unlabeled_mask"]
 
@@ -209,8 +209,8 @@ class FlowGMMClassifier(ClassifierMixin, BaseEstimator):
                  label_weight=1.0, unlabeled_weight: float = 1.0, class_prior="learn",
                  validation_fraction: float = 0.1, patience: int = 20, dequantize: bool = True,
                  n_quantiles: int = 1000, n_neighbors: int = 7, distill: bool = True,
-                 spreading_alpha: float = 0.9, spreading_start: float = 0.05, invertible_backprop: bool = False, device: str = "cpu",
-                 random_state=None, verbose=False):
+                 spreading_alpha: float = 0.9, spreading_start: float = 0.05, invertible_backprop: bool = False,
+                 device: str = "cpu", random_state=None, verbose=False):
         self.n_estimators = n_estimators
         self.n_coupling_layers = n_coupling_layers
         self.hidden_dim = hidden_dim

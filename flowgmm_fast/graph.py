@@ -77,7 +77,7 @@ class KNNSpreading:
         from scipy import sparse
 
         x, start, labels = check_posterior_inputs(x, start, labels)
-        n, k_classes = start.shape
+        n = start.shape[0]
         if n < 2:
             raise ValueError(f"x needs at least 2 rows for a neighbour graph, got {n}")
         self.x_ = x

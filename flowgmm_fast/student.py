@@ -37,7 +37,7 @@ class LogisticStudent:
         self.max_iter = check_int("max_iter", max_iter, 1)
         self.seed = check_int("seed", seed, 0)
 
-    def fit(self, x, start, labels) -> "LogisticStudent":
+    def fit(self, x, start, labels) -> LogisticStudent:
         from sklearn.linear_model import LogisticRegression
 
         x, start, labels = check_posterior_inputs(x, start, labels)
@@ -87,7 +87,7 @@ class LogisticStudent:
         return {"coef": self.coef_, "intercept": self.intercept_, "classes": self.classes_}
 
     @classmethod
-    def from_state(cls, state: dict, n_classes: int, **params) -> "LogisticStudent":
+    def from_state(cls, state: dict, n_classes: int, **params) -> LogisticStudent:
         obj = cls(**params)
         obj.coef_ = np.asarray(state["coef"], dtype=np.float64)
         obj.intercept_ = np.asarray(state["intercept"], dtype=np.float64)
