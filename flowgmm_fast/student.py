@@ -72,14 +72,14 @@ class LogisticStudent:
         if self.classes_.size < 2:
             out[:, self.classes_] = 1.0
             return out
+        from scipy.special import expit, softmax
+
         scores = x @ self.coef_.T + self.intercept_
         if self.classes_.size == 2:  # scikit-learn's binary form: one row of coefficients for the second class
-            p1 = 1.0 / (1.0 + np.exp(-scores[:, 0]))
+            p1 = expit(scores[:, 0])
             probs = np.stack([1.0 - p1, p1], 1)
         else:
-            scores = scores - scores.max(1, keepdims=True)
-            probs = np.exp(scores)
-            probs /= probs.sum(1, keepdims=True)
+            probs = softmax(scores, axis=1)
         out[:, self.classes_] = probs
         return out
 
