@@ -29,6 +29,7 @@ import torch
 
 from flowgmm_fast.baselines import knn, label_spreading, logistic_regression
 from flowgmm_fast.data import load_image_dataset, load_label_split
+from flowgmm_fast.graph import pixel_pca
 from flowgmm_fast.training.checkpoint import atomic_write_bytes
 
 METHODS = {"knn": knn, "logistic_regression": logistic_regression, "label_spreading": label_spreading}
@@ -50,17 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
 def features(train_images: torch.Tensor, test_images: torch.Tensor, n_components: int, seed: int):
     """(train, test) float32 features: pixels / 255 flattened, then the first ``n_components`` principal components
     of the training images (0 keeps the pixels)."""
-    x_tr = train_images.reshape(len(train_images), -1).numpy().astype(np.float32) / 255.0
-    x_te = test_images.reshape(len(test_images), -1).numpy().astype(np.float32) / 255.0
-    if n_components == 0:
-        return x_tr, x_te
-    if not 0 < n_components <= min(x_tr.shape):
-        raise SystemExit(f"--pca must be in [0, {min(x_tr.shape)}] for {x_tr.shape[0]} training images of "
-                         f"{x_tr.shape[1]} values, got {n_components}")
-    from sklearn.decomposition import PCA
-
-    pca = PCA(n_components, random_state=seed).fit(x_tr)
-    return pca.transform(x_tr).astype(np.float32), pca.transform(x_te).astype(np.float32)
+    try:
+        x_tr, x_te = pixel_pca(train_images.numpy(), [test_images.numpy()], n_components, seed)
+    except ValueError as exc:
+        raise SystemExit(f"--pca: {exc}") from None
+    return x_tr, x_te
 
 
 def main(argv=None) -> dict:

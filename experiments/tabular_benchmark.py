@@ -10,6 +10,7 @@ Methods (scikit-learn defaults unless said; the baselines get the usual Standard
                        distill=False).fit_graph``: FlowGMM's own posteriors), an ablation that costs no second fit
   FlowGMM[graph]       the same, with the graph step only (n_neighbors=7, distill=False)
   FlowGMM[student]     the same, with the student step only (n_neighbors=0, distill=True)
+  FlowGMM[mean]        the same, both steps with equal weights (graph_weight=0.5: the default before "auto")
   LabelSpreading-knn   LabelSpreading(kernel="knn")
   LabelSpreading-rbf   LabelSpreading(kernel="rbf")
   SelfTraining-LR      SelfTrainingClassifier(LogisticRegression(max_iter=1000))
@@ -96,7 +97,8 @@ def make_split(x, y, per_class: int, seed: int):
 # rows computed from the "FlowGMM" fit with other prediction steps (FlowGMMClassifier.fit_graph: no retraining)
 ABLATIONS = {"FlowGMM[flow]": {"n_neighbors": 0, "distill": False},
              "FlowGMM[graph]": {"n_neighbors": 7, "distill": False},
-             "FlowGMM[student]": {"n_neighbors": 0, "distill": True}}
+             "FlowGMM[student]": {"n_neighbors": 0, "distill": True},
+             "FlowGMM[mean]": {"n_neighbors": 7, "distill": True, "graph_weight": 0.5}}
 
 
 def run_method(method: str, x_tr, labels, x_te, y_tr, seed: int, quick: bool, variants: dict) -> dict:

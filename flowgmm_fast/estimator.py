@@ -23,7 +23,11 @@ experiments/RESULTS.md, "FlowGMMClassifier"):
    posteriors, labeled rows clamped; a new row gets the mean spread posterior of its nearest training rows);
    (b) ``distill``: a regularised logistic regression fitted to the labeled rows and to FlowGMM's posteriors on the
    unlabeled rows as soft targets (:class:`~flowgmm_fast.student.LogisticStudent`). With neither, FlowGMM's
-   posteriors are the prediction.
+   posteriors are the prediction. With both, their weights (``graph_weight="auto"``) come from the labeled rows:
+   a stratified K-fold over them measures how well plain label spreading on the graph and a logistic regression on
+   the labeled rows each recover held-out labels (neither uses FlowGMM's posteriors, which saw every label); equal
+   accuracies give the mean, and the graph's weight moves linearly with their difference, to 1 (or 0) at a
+   difference of WEIGHT_MARGIN.
 """
 
 from __future__ import annotations
@@ -54,6 +58,12 @@ from .student import LogisticStudent
 __all__ = ["FlowGMMClassifier", "unlabeled_mask"]
 
 FORMAT_VERSION = 1
+# graph_weight="auto": folds over the labeled rows (fewer when a class has fewer labels; none below 2 per class:
+# the mean), the regularisation of the fold's logistic regression (the student's C 0.1 x its labeled weight 5), and
+# the difference of fold accuracies at which one step takes all the weight (fixed a priori, not tuned on a table)
+WEIGHT_FOLDS = 5
+WEIGHT_LR_C = 0.5
+WEIGHT_MARGIN = 0.1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
 
@@ -145,7 +155,11 @@ class FlowGMMClassifier(ClassifierMixin, BaseEstimator):
         The student step: a logistic regression (C = 0.1) fitted to the labeled rows (weight 5 each) and to
         FlowGMM's posteriors on the unlabeled training rows as soft targets
         (:class:`~flowgmm_fast.student.LogisticStudent`). With ``n_neighbors`` > 0 too, the prediction is the mean
-        of the two steps' probabilities.
+        of the two steps' probabilities, weighted by ``graph_weight``.
+    graph_weight : float in [0, 1] or "auto", default="auto"
+        With both steps, the graph step's weight in the prediction (the student's is 1 - graph_weight). "auto": from
+        the labeled rows (module docstring; ``step_scores_`` holds the two fold accuracies, ``graph_weight_`` the
+        weight used).
     spreading_alpha : float in [0, 1), default=0.9
         How much a row's spread distribution takes from its neighbours against its start (label spreading's alpha).
     spreading_start : float, default=0.05
@@ -191,6 +205,7 @@ class FlowGMMClassifier(ClassifierMixin, BaseEstimator):
         "n_quantiles": [Interval(numbers.Integral, 2, None, closed="left")],
         "n_neighbors": [Interval(numbers.Integral, 0, None, closed="left")],
         "distill": ["boolean"],
+        "graph_weight": [Interval(numbers.Real, 0, 1, closed="both"), StrOptions({"auto"})],
         "spreading_alpha": [Interval(numbers.Real, 0, 1, closed="left")],
         "spreading_start": [Interval(numbers.Real, 0, None, closed="left")],
         "invertible_backprop": ["boolean"],
@@ -204,7 +219,7 @@ class FlowGMMClassifier(ClassifierMixin, BaseEstimator):
                  batch_size="auto", objective: str = "generative", ce_weight: float = 1.0,
                  label_weight=1.0, unlabeled_weight: float = 1.0, class_prior="learn",
                  validation_fraction: float = 0.1, patience: int = 20, dequantize: bool = True,
-                 n_quantiles: int = 1000, n_neighbors: int = 7, distill: bool = True,
+                 n_quantiles: int = 1000, n_neighbors: int = 7, distill: bool = True, graph_weight="auto",
                  spreading_alpha: float = 0.9, spreading_start: float = 0.05, invertible_backprop: bool = False,
                  device: str = "cpu", random_state=None, verbose=False):
         self.n_estimators = n_estimators
@@ -227,6 +242,7 @@ class FlowGMMClassifier(ClassifierMixin, BaseEstimator):
         self.n_quantiles = n_quantiles
         self.n_neighbors = n_neighbors
         self.distill = distill
+        self.graph_weight = graph_weight
         self.spreading_alpha = spreading_alpha
         self.spreading_start = spreading_start
         self.invertible_backprop = invertible_backprop
@@ -399,6 +415,7 @@ class FlowGMMClassifier(ClassifierMixin, BaseEstimator):
     def _build_steps(self, z: torch.Tensor, codes: np.ndarray) -> None:
         """The prediction steps after FlowGMM (graph, student), fitted on the preprocessed training rows ``z``."""
         self.spreading_ = self.student_ = None
+        self.graph_weight_, self.step_scores_ = None, None
         if self.n_neighbors == 0 and not self.distill:
             return
         x, start = z.cpu().numpy(), self._flow_proba(z)
@@ -406,6 +423,36 @@ class FlowGMMClassifier(ClassifierMixin, BaseEstimator):
             self.spreading_ = KNNSpreading(**self._spreading_params()).fit(x, start, codes)
         if self.distill:
             self.student_ = LogisticStudent(**self._student_params()).fit(x, start, codes)
+        if self.spreading_ is not None and self.student_ is not None:
+            self.graph_weight_ = (self._auto_graph_weight(x, codes) if self.graph_weight == "auto"
+                                  else float(self.graph_weight))
+
+    def _auto_graph_weight(self, x: np.ndarray, codes: np.ndarray) -> float:
+        """graph_weight="auto" (module docstring): 0.5 + (graph's fold accuracy - logistic regression's) /
+        (2 WEIGHT_MARGIN), clipped to [0, 1]; 0.5 when some class has fewer than 2 labeled rows. Sets
+        ``step_scores_``."""
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.model_selection import StratifiedKFold
+
+        lab = np.flatnonzero(codes >= 0)
+        y_lab = codes[lab]
+        n_splits = min(WEIGHT_FOLDS, int(np.bincount(y_lab)[np.unique(y_lab)].min()))
+        if n_splits < 2:
+            return 0.5
+        seed = self.random_state if isinstance(self.random_state, numbers.Integral) else 0
+        splits = list(StratifiedKFold(n_splits, shuffle=True, random_state=int(seed) % (2 ** 32)).split(lab, y_lab))
+        graph = self.spreading_.fold_accuracy(codes, [lab[held] for _, held in splits])
+        hits = 0
+        for kept, held in splits:
+            if np.unique(y_lab[kept]).size < 2:  # cannot happen with >= 2 classes stratified, kept for safety
+                pred = np.full(held.size, y_lab[kept][0])
+            else:
+                pred = LogisticRegression(C=WEIGHT_LR_C, max_iter=2000).fit(x[lab[kept]], y_lab[kept]).predict(
+                    x[lab[held]])
+            hits += int(np.sum(pred == y_lab[held]))
+        linear = hits / lab.size
+        self.step_scores_ = {"graph": float(graph), "linear": float(linear), "folds": n_splits}
+        return float(np.clip(0.5 + (graph - linear) / (2 * WEIGHT_MARGIN), 0.0, 1.0))
 
     def fit_graph(self, X, y) -> "FlowGMMClassifier":
         """Build (or remove) the prediction steps after FlowGMM -- the graph (``n_neighbors``, ``spreading_*``) and
@@ -449,7 +496,10 @@ class FlowGMMClassifier(ClassifierMixin, BaseEstimator):
         if not steps:
             return self._flow_proba(z)
         x = z.cpu().numpy()
-        return np.mean([s.predict_proba(x) for s in steps], axis=0)
+        if len(steps) == 1:
+            return steps[0].predict_proba(x)
+        w = self.graph_weight_
+        return w * self.spreading_.predict_proba(x) + (1.0 - w) * self.student_.predict_proba(x)
 
     def predict_log_proba(self, X) -> np.ndarray:
         with np.errstate(divide="ignore"):
@@ -522,6 +572,7 @@ class FlowGMMClassifier(ClassifierMixin, BaseEstimator):
             "student": (None if self.student_ is None else
                         {"C": self.student_.C, "labeled_weight": self.student_.labeled_weight,
                          "max_rows": self.student_.max_rows, "seed": self.student_.seed}),
+            "graph_weight": self.graph_weight_, "step_scores": self.step_scores_,
         }
         tensors = {f"preprocessor.{k}": torch.from_numpy(np.ascontiguousarray(v))
                    for k, v in self.preprocessor_.state().items()}
@@ -627,6 +678,11 @@ class FlowGMMClassifier(ClassifierMixin, BaseEstimator):
             self.student_ = LogisticStudent.from_state(
                 {k.split(".", 1)[1]: v.numpy() for k, v in tensors.items() if k.startswith("student.")},
                 n_classes=self.classes_.size, **config["student"])
+        # folders saved before the weights existed predicted with the mean of the two steps
+        both = self.spreading_ is not None and self.student_ is not None
+        weight = config.get("graph_weight")
+        self.graph_weight_ = (0.5 if weight is None else float(weight)) if both else None
+        self.step_scores_ = config.get("step_scores")
 
     # pickle / joblib / deepcopy: the flows hold weight-normalised (parametrized) layers, which torch serialises
     # through state dicts only, so the fitted state goes through the same path as save/load.
@@ -636,7 +692,7 @@ class FlowGMMClassifier(ClassifierMixin, BaseEstimator):
             config, tensors = self._fitted_state()
             for key in ("estimators_", "preprocessor_", "classes_", "n_features_in_", "feature_names_in_",
                         "n_coupling_layers_", "hidden_dim_", "n_iter_", "class_prior_", "fit_time_",
-                        "spreading_", "student_"):
+                        "spreading_", "student_", "graph_weight_", "step_scores_"):
                 state.pop(key, None)
             state["_fitted"] = (config, {k: v.numpy() for k, v in tensors.items()})
         return state

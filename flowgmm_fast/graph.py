@@ -19,7 +19,7 @@ import numpy as np
 
 from .nn._checks import check_int
 
-__all__ = ["KNNSpreading"]
+__all__ = ["KNNSpreading", "pixel_pca", "spread_labels"]
 
 
 def _check_real(name, value, lo, hi=None, lo_closed=True):
@@ -82,7 +82,7 @@ class KNNSpreading:
             raise ValueError(f"x needs at least 2 rows for a neighbour graph, got {n}")
         self.x_ = x
         self.k_ = min(self.n_neighbors, n - 1)
-        self._nn = None
+        self._nn = self._s = None
         _, idx = self._index().kneighbors(x, n_neighbors=self.k_ + 1)
         # drop each row itself (the first neighbour; for duplicated rows, whichever copy came first)
         own = idx == np.arange(n)[:, None]
@@ -92,24 +92,52 @@ class KNNSpreading:
         w = w.maximum(w.T)
         deg = np.asarray(w.sum(1)).ravel()
         d = sparse.diags(1.0 / np.sqrt(deg))
-        s = (d @ w @ d).tocsr()
+        self._s = (d @ w @ d).tocsr()  # the normalised graph, kept for fold_accuracy (not in the saved state)
         lab = labels >= 0
         y0 = self.start_weight * start
         y0[lab] = 0.0
         y0[lab, labels[lab]] = 1.0
-        f = y0.copy()
-        self.n_iter_ = 0
-        for self.n_iter_ in range(1, self.max_iter + 1):
-            f_new = self.alpha * (s @ f) + (1.0 - self.alpha) * y0
-            done = np.abs(f_new - f).max() <= self.tol * max(np.abs(f_new).max(), 1e-300)
-            f = f_new
-            if done:
-                break
+        f = self._spread(y0)
         total = f.sum(1, keepdims=True)
         # a row that no labeled row and no start mass reaches (start_weight 0, a component of the graph without
         # labels) falls back to its start distribution
         self.distributions_ = np.where(total > 0, f / np.where(total > 0, total, 1.0), start)
         return self
+
+    def _spread(self, y0: np.ndarray) -> np.ndarray:
+        """F = alpha S F + (1 - alpha) Y0 on the fitted graph, iterated to ``tol`` (sets ``n_iter_``)."""
+        f = y0.copy()
+        self.n_iter_ = 0
+        for self.n_iter_ in range(1, self.max_iter + 1):
+            f_new = self.alpha * (self._s @ f) + (1.0 - self.alpha) * y0
+            done = np.abs(f_new - f).max() <= self.tol * max(np.abs(f_new).max(), 1e-300)
+            f = f_new
+            if done:
+                break
+        return f
+
+    def fold_accuracy(self, labels, folds) -> float:
+        """Accuracy of plain label spreading (no start distribution) on the fitted graph at recovering held-out
+        labels: for each fold (an array of labeled row indices) the fold's labels are hidden and spread from the
+        others; returns the share of held-out rows whose spread distribution peaks at their label. Uses no model
+        posterior, so a model trained on every label does not leak into it."""
+        if getattr(self, "_s", None) is None:
+            raise RuntimeError("fold_accuracy needs the graph of fit(); a model restored from its state has none")
+        labels = np.asarray(labels)
+        k_classes = self.distributions_.shape[1]
+        hits = total = 0
+        n_iter = self.n_iter_
+        for fold in folds:
+            fold = np.asarray(fold)
+            keep = labels >= 0
+            keep[fold] = False
+            y0 = np.zeros((labels.size, k_classes))
+            y0[keep, labels[keep]] = 1.0
+            f = self._spread(y0)
+            hits += int(np.sum((f[fold].argmax(1) == labels[fold]) & (f[fold].sum(1) > 0)))  # unreached: a miss
+            total += fold.size
+        self.n_iter_ = n_iter  # the fit's
+        return hits / max(total, 1)
 
     def predict_proba(self, x) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float64)
@@ -129,5 +157,37 @@ class KNNSpreading:
         obj.x_ = np.ascontiguousarray(state["x"], dtype=np.float64)
         obj.distributions_ = np.asarray(state["distributions"], dtype=np.float64)
         obj.k_ = min(obj.n_neighbors, obj.x_.shape[0] - 1)
-        obj._nn = None
+        obj._nn = obj._s = None
         return obj
+
+
+def pixel_pca(train_images, other_images=(), n_components: int = 50, seed: int = 0) -> list[np.ndarray]:
+    """Features of images for a neighbour graph: the pixels scaled to [0, 1] (uint8 in, any shape (N, ...)),
+    flattened, projected on the first ``n_components`` principal components of ``train_images`` (fitted without
+    labels; 0 keeps the pixels). Returns float32 arrays: the training images' first, then each of ``other_images``'."""
+    def flat(images):
+        images = np.asarray(images)
+        return images.reshape(len(images), -1).astype(np.float32) / 255.0
+
+    x_train = flat(train_images)
+    rest = [flat(images) for images in other_images]
+    n_components = check_int("n_components", n_components, 0)
+    if n_components == 0:
+        return [x_train, *rest]
+    if n_components > min(x_train.shape):
+        raise ValueError(f"n_components must be at most {min(x_train.shape)} for {x_train.shape[0]} training images "
+                         f"of {x_train.shape[1]} values, got {n_components}")
+    from sklearn.decomposition import PCA
+
+    pca = PCA(n_components, random_state=seed).fit(x_train)
+    return [pca.transform(x).astype(np.float32) for x in (x_train, *rest)]
+
+
+def spread_labels(x, labels, num_classes: int, **params) -> KNNSpreading:
+    """Plain label spreading on the kNN graph of ``x`` (n, d): :class:`KNNSpreading` with no start distribution
+    (``start_weight`` 0), only the labeled rows' one-hot labels (``labels``: class codes, -1 for unlabeled).
+    ``params``: KNNSpreading's other parameters. Its ``distributions_`` are the spread class distributions of the
+    rows; ``predict_proba`` gives new rows theirs."""
+    labels = np.asarray(labels)
+    start = np.full((len(labels), num_classes), 1.0 / num_classes)
+    return KNNSpreading(start_weight=0.0, **params).fit(x, start, labels)

@@ -4,6 +4,7 @@ Small budgets everywhere (``FAST``): these test the contract and the mechanics; 
 measured by experiments/tabular_benchmark.py (experiments/RESULTS.md), not here.
 """
 
+import json
 import pickle
 import subprocess
 import sys
@@ -278,26 +279,51 @@ def test_graph_step_spreads_the_flows_posteriors_and_fit_graph_adds_it_without_r
             FlowGMMClassifier(**{**FAST, **bad}).fit(x, ys)
 
 
-def test_default_prediction_averages_the_graph_and_the_student_which_travel_with_the_model(tmp_path):
-    x, y = _blobs(n=200)
+def test_default_prediction_weighs_the_graph_and_the_student_which_travel_with_the_model(tmp_path):
+    # two rings: a graph recovers held-out labels, a linear boundary cannot, so the graph takes the weight
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    angle = rng.uniform(0, 2 * np.pi, 200)
+    x = (1 + 2 * y)[:, None] * np.stack([np.cos(angle), np.sin(angle)], 1) + 0.1 * rng.normal(size=(200, 2))
     ys = _semi(y)
-    clf = FlowGMMClassifier(**FAST).fit(x, ys)  # defaults: n_neighbors=7, distill=True
+    clf = FlowGMMClassifier(**FAST).fit(x, ys)  # defaults: n_neighbors=7, distill=True, graph_weight="auto"
     assert clf.spreading_ is not None and clf.student_ is not None
     q = clf.preprocessor_.transform(x)
     proba = clf.predict_proba(x)
-    np.testing.assert_allclose(proba, (clf.spreading_.predict_proba(q) + clf.student_.predict_proba(q)) / 2,
+    w = clf.graph_weight_
+    np.testing.assert_allclose(proba, w * clf.spreading_.predict_proba(q) + (1 - w) * clf.student_.predict_proba(q),
                                rtol=0, atol=1e-12)
+    # the weight follows the two fold accuracies on the labeled rows (5 per class: 5 folds)
+    scores = clf.step_scores_
+    assert scores["folds"] == 5 and scores["graph"] >= scores["linear"] + 0.1 and w == 1.0
+    assert w == pytest.approx(float(np.clip(0.5 + (scores["graph"] - scores["linear"]) / 0.2, 0, 1)))
     # the student is fitted to the flow's posteriors on the training rows (labeled rows with their labels)
     student = LogisticStudent(C=0.1, labeled_weight=5.0).fit(q, clf.flow_proba(x), ys)
     np.testing.assert_allclose(clf.student_.predict_proba(q), student.predict_proba(q), atol=1e-12)
     # each step alone, from the same flows (fit_graph rebuilds the steps without retraining)
     only_student = pickle.loads(pickle.dumps(clf)).set_params(n_neighbors=0).fit_graph(x, ys)
-    assert only_student.spreading_ is None
+    assert only_student.spreading_ is None and only_student.graph_weight_ is None
     np.testing.assert_allclose(only_student.predict_proba(x), clf.student_.predict_proba(q), atol=1e-12)
-    # save/load (no pickle) and pickle give the same probabilities, with the steps the model was fitted with
+    # a fixed weight: 0.5 is the mean of the two steps, 1 the graph alone
+    mean = pickle.loads(pickle.dumps(clf)).set_params(graph_weight=0.5).fit_graph(x, ys)
+    np.testing.assert_allclose(mean.predict_proba(x), (clf.spreading_.predict_proba(q)
+                                                       + clf.student_.predict_proba(q)) / 2, atol=1e-12)
+    graph = pickle.loads(pickle.dumps(clf)).set_params(graph_weight=1).fit_graph(x, ys)
+    np.testing.assert_allclose(graph.predict_proba(x), clf.spreading_.predict_proba(q), atol=1e-12)
+    # save/load (no pickle) and pickle give the same probabilities, with the steps and weight the model was fitted with
     clf.save(tmp_path / "m")
-    np.testing.assert_array_equal(FlowGMMClassifier.load(tmp_path / "m").predict_proba(x), proba)
+    loaded = FlowGMMClassifier.load(tmp_path / "m")
+    assert loaded.graph_weight_ == w and loaded.step_scores_ == scores
+    np.testing.assert_array_equal(loaded.predict_proba(x), proba)
     np.testing.assert_array_equal(pickle.loads(pickle.dumps(clf)).predict_proba(x), proba)
+    # a folder saved before the weights existed predicts with the mean, as it did
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    del config["graph_weight"], config["step_scores"]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    np.testing.assert_allclose(FlowGMMClassifier.load(tmp_path / "m").predict_proba(x), mean.predict_proba(x),
+                               atol=1e-12)
+    with pytest.raises(ValueError, match="graph_weight"):
+        FlowGMMClassifier(**{**FAST, "graph_weight": 1.5}).fit(x, ys)
     with pytest.raises(ValueError, match="distill"):
         FlowGMMClassifier(**{**FAST, "distill": "yes"}).fit(x, ys)
 

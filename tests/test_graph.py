@@ -109,3 +109,57 @@ def test_bad_input_names_what_is_wrong():
     sp.fit(x, start, labels)
     with pytest.raises(ValueError, match="shape"):
         sp.predict_proba(x[:, :2])
+
+
+def test_spread_labels_is_knn_spreading_without_a_start():
+    from flowgmm_fast.graph import spread_labels
+
+    x, start, labels = _problem()
+    got = spread_labels(x, labels, 3, n_neighbors=5, alpha=0.9, tol=1e-12)
+    np.testing.assert_allclose(got.distributions_, _dense_solution(x, start, labels, 5, 0.9, 0.0), atol=1e-8)
+    # the labeled rows keep their class; the start distribution plays no part
+    assert (got.distributions_[labels >= 0].argmax(1) == labels[labels >= 0]).all()
+    np.testing.assert_allclose(got.predict_proba(x[:4]).sum(1), 1.0)
+
+
+def test_pixel_pca_projects_scaled_pixels_on_the_training_images_components():
+    from sklearn.decomposition import PCA
+
+    from flowgmm_fast.graph import pixel_pca
+
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 256, (30, 1, 4, 4), dtype=np.uint8)
+    test = rng.integers(0, 256, (5, 1, 4, 4), dtype=np.uint8)
+    a, b = pixel_pca(train, [test], n_components=3, seed=0)
+    pca = PCA(3, random_state=0).fit(train.reshape(30, -1) / 255.0)
+    np.testing.assert_allclose(a, pca.transform(train.reshape(30, -1) / 255.0), atol=1e-5)
+    np.testing.assert_allclose(b, pca.transform(test.reshape(5, -1) / 255.0), atol=1e-5)
+    assert a.dtype == b.dtype == np.float32
+    raw, = pixel_pca(train, n_components=0)
+    np.testing.assert_allclose(raw, train.reshape(30, -1) / 255.0, atol=1e-7)
+    with pytest.raises(ValueError, match="n_components must be at most 16"):
+        pixel_pca(train, n_components=17)
+
+
+def test_fold_accuracy_is_plain_spreading_with_the_fold_hidden():
+    from flowgmm_fast.graph import spread_labels
+
+    x, start, labels = _problem(n=60, seed=3)
+    rng = np.random.default_rng(1)
+    truth = rng.integers(0, 3, 60)
+    labels = np.where(rng.random(60) < 0.5, truth, -1)
+    fitted = KNNSpreading(n_neighbors=5, alpha=0.9, start_weight=0.3).fit(x, start, labels)
+    before = fitted.distributions_.copy()
+    lab = np.flatnonzero(labels >= 0)
+    folds = [lab[0::3], lab[1::3], lab[2::3]]
+    hits = 0
+    for fold in folds:
+        hidden = labels.copy()
+        hidden[fold] = -1
+        d = spread_labels(x, hidden, 3, n_neighbors=5, alpha=0.9).distributions_
+        hits += int(np.sum(d[fold].argmax(1) == labels[fold]))
+    assert fitted.fold_accuracy(labels, folds) == pytest.approx(hits / lab.size)
+    np.testing.assert_array_equal(fitted.distributions_, before)  # the fit is untouched
+    restored = KNNSpreading.from_state(fitted.state(), n_neighbors=5)
+    with pytest.raises(RuntimeError, match="needs the graph of fit"):
+        restored.fold_accuracy(labels, folds)

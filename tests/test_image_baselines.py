@@ -45,7 +45,7 @@ def test_image_baselines_raw_pixels_and_bad_pca(tmp_path):
     res = script.main(["--dataset", "tiny_idx", "--data_path", str(images), "--label_path", str(split),
                        "--pca", "0", "--methods", "knn"])
     assert set(res) == {"knn"} and res["knn"]["test_acc"] > 0.9
-    with pytest.raises(SystemExit, match="--pca must be in"):
+    with pytest.raises(SystemExit, match="--pca: n_components must be at most"):
         script.main(["--dataset", "tiny_idx", "--data_path", str(images), "--label_path", str(split), "--pca", "500"])
     with pytest.raises(SystemExit, match="--pca must be >= 0"):
         script.main(["--dataset", "tiny_idx", "--data_path", str(images), "--label_path", str(split), "--pca", "-1"])
