@@ -154,6 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "images under the initial flow")
     p.add_argument("--std_init", default="fixed", choices=["fixed", "labeled"],
                    help="fixed: --cov_std; labeled: the pooled within-class std of the labeled latents")
+    p.add_argument("--teacher", default="none", choices=["none", "graph"],
+                   help="graph: before training, spread the labels over the kNN graph of every training image "
+                        "(PCA of the pixels, flowgmm_fast.graph.spread_labels); the unlabeled rows then add "
+                        "--teacher_weight x the cross-entropy of the flow's class posterior against the spread "
+                        "distribution of the row")
+    p.add_argument("--teacher_weight", default=1.0, type=float, help="weight of the teacher's cross-entropy")
+    p.add_argument("--teacher_pca", default=50, type=int, help="principal components of the teacher's graph")
+    p.add_argument("--teacher_neighbors", default=7, type=int, help="neighbours per image in the teacher's graph")
     return p
 
 
@@ -188,6 +196,11 @@ def parse_args(argv=None):
         p.error(f"--time_limit must be > 0 minutes, got {args.time_limit}")
     if args.warmup_steps < 0:
         p.error(f"--warmup_steps must be >= 0, got {args.warmup_steps}")
+    if args.teacher_weight < 0:
+        p.error(f"--teacher_weight must be >= 0, got {args.teacher_weight}")
+    if args.teacher_pca < 0 or args.teacher_neighbors < 1:
+        p.error(f"--teacher_pca must be >= 0 and --teacher_neighbors >= 1, got {args.teacher_pca} and "
+                f"{args.teacher_neighbors}")
     if args.std_init == "labeled" and args.means_init != "labeled":
         p.error("--std_init labeled measures the spread about the labeled class means: it needs --means_init labeled")
     try:
@@ -295,6 +308,29 @@ def evaluate(model, test, args, info, autocast_dtype):
     return {"test_acc": correct / n, "test_nll": nll / n, "test_bpd": bpd / n}
 
 
+def graph_teacher(train: ImageData, test: ImageData, labeled, args) -> tuple[torch.Tensor, str]:
+    """--teacher graph: label spreading (flowgmm_fast.graph.spread_labels) over the --teacher_neighbors-nearest-
+    neighbour graph of the training images' first --teacher_pca principal components (no test image in it). Returns
+    the (N, K) spread class distributions of the training images and a log line with the spreading's own test
+    accuracy (each test image: the mean distribution of its nearest training images), what the flow is taught."""
+    import numpy as np
+
+    from flowgmm_fast.graph import pixel_pca, spread_labels
+
+    t0 = time.perf_counter()
+    x_train, x_test = pixel_pca(train.images.numpy(), [test.images.numpy()], args.teacher_pca, args.seed)
+    labels = np.full(len(train), -1, np.int64)
+    labels[labeled] = train.labels.numpy()[labeled]
+    spreading = spread_labels(x_train, labels, train.num_classes, n_neighbors=args.teacher_neighbors)
+    test_acc = float(np.mean(spreading.predict_proba(x_test).argmax(1) == test.labels.numpy()))
+    unl = labels < 0
+    train_acc = float(np.mean(spreading.distributions_[unl].argmax(1) == train.labels.numpy()[unl]))
+    line = (f"teacher: label spreading on the {args.teacher_neighbors}-NN graph of PCA-{args.teacher_pca} pixels, "
+            f"{time.perf_counter() - t0:.0f} s; its accuracy on the unlabeled training images {100 * train_acc:.2f}%, "
+            f"on the {len(test)} test images {100 * test_acc:.2f}%")
+    return torch.as_tensor(spreading.distributions_, dtype=torch.float32), line
+
+
 def resume_path(args) -> Path | None:
     """The checkpoint --resume names ('auto': <ckptdir>/last.pt when it exists)."""
     if args.resume == "auto":
@@ -331,10 +367,13 @@ def main(argv=None):
     if args.curve_eval_limit is not None:
         curve_test = ImageData(test.images[:args.curve_eval_limit], test.labels[:args.curve_eval_limit], test.dataset)
     labeled = load_label_split(args.label_path, train)
+    soft_targets, teacher_line = None, None
+    if args.teacher == "graph":  # recomputed on resume: a pure function of the data, the split and the flags
+        soft_targets, teacher_line = graph_teacher(train, test, labeled, args)
     loader = SemiSupervisedLoader(train, labeled, args.batch_size, seed=args.seed, device=info.device,
                                   rank=info.rank, world_size=info.world_size, num_workers=args.num_workers,
                                   augment_data=not args.no_augment, crop_padding=args.crop_padding,
-                                  supervised_only=args.supervised_only)
+                                  supervised_only=args.supervised_only, soft_targets=soft_targets)
     spe = loader.steps_per_epoch
     max_steps = args.num_epochs * spe if args.max_steps is None else args.max_steps
 
@@ -395,17 +434,21 @@ def main(argv=None):
             logger.write(flowgmm_fast.nn.invertible.COMPILE_NOTE)
         if prior_line is not None and resume is None:
             logger.write(prior_line)
+        if teacher_line is not None:
+            logger.write(teacher_line)
         if changes:
             logger.write(f"resume: changed {', '.join(map(str, changes.values()))} (applied from step "
                          f"{trainer.step})")
 
     def compute_loss(batch, tr):
-        x, labels, x2 = batch
+        x, labels, x2, *soft = batch
         epoch_index = tr.step // spe  # the epoch of the step being taken (0-based), as the original's ramp
         cons_w = args.consistency_weight * linear_rampup(epoch_index + 1, args.consistency_rampup)
         loss, parts, _ = flowgmm_cons_loss(net, x, labels, x2 if args.consistency_weight else None,
                                            label_weight=args.label_weight, consistency_weight=cons_w,
-                                           use_unlabeled=not args.supervised_only)
+                                           use_unlabeled=not args.supervised_only,
+                                           soft_targets=soft[0] if soft else None,
+                                           teacher_weight=args.teacher_weight)
         return loss, parts
 
     start_step = trainer.step

@@ -241,6 +241,31 @@ def test_loader_ranks_slice_the_same_global_batch():
         SemiSupervisedLoader(data, idx, 6, world_size=2)
 
 
+def test_loader_soft_targets_travel_with_their_rows():
+    """Image i is the constant i (mod 256) and its target row is one-hot at i % 7: without augmentation each batch
+    row's target must be the one of the image in that row, on every rank's slice as in the whole batch."""
+    n = 200
+    images = torch.from_numpy(np.broadcast_to((np.arange(n) % 256).astype(np.uint8)[:, None, None, None],
+                                              (n, 3, 32, 32)).copy())
+    data = ImageData(images, torch.from_numpy(np.arange(n) % 10), "svhn")
+    idx = balanced_split(data.labels.numpy(), 40, 0)
+    targets = torch.nn.functional.one_hot(torch.arange(n) % 7, 7).float()
+    loader = SemiSupervisedLoader(data, idx, 16, seed=2, augment_data=False, soft_targets=targets)
+    for step in (1, 4, 9):
+        x, labels, _, q = loader.batch(step)
+        row_image = (x * 256).floor().long()[:, 0, 0, 0]
+        assert torch.equal(q.argmax(1), row_image % 7) and q.shape == (16, 7)
+        in_split = torch.isin(row_image, torch.as_tensor(np.asarray(idx)))  # n < 256: the image is its index
+        assert torch.equal(in_split, labels >= 0)
+    parts = [SemiSupervisedLoader(data, idx, 16, seed=2, augment_data=False, soft_targets=targets, rank=r,
+                                  world_size=2).batch(3) for r in range(2)]
+    whole = loader.batch(3)
+    assert all(len(p) == 4 for p in parts)
+    assert torch.equal(torch.cat([parts[0][3][:4], parts[1][3][:4], parts[0][3][4:], parts[1][3][4:]]), whole[3])
+    with pytest.raises(ValueError, match="soft_targets must have shape"):
+        SemiSupervisedLoader(data, idx, 16, soft_targets=targets[:10])
+
+
 def test_augment_and_dequantize():
     g = torch.Generator().manual_seed(0)
     imgs = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)

@@ -46,7 +46,8 @@ def test_preset_sets_defaults_and_flags_win(script):
 
 
 @pytest.mark.parametrize("flags", [["--threads", "0"], ["--warmup_steps", "-1"], ["--std_init", "labeled"],
-                                   ["--dataset", "my data"], ["--time_limit", "0"]])
+                                   ["--dataset", "my data"], ["--time_limit", "0"], ["--teacher_weight", "-1"],
+                                   ["--teacher_neighbors", "0"], ["--teacher", "oracle"]])
 def test_bad_flags_are_refused(script, flags, capsys):
     with pytest.raises(SystemExit):
         script.parse_args(REQUIRED + flags)
@@ -141,6 +142,25 @@ def test_idx_dataset_by_name_prepare_then_train_with_the_preset(tmp_path, script
     ckpt = read_checkpoint(tmp_path / "ck2" / "last.pt")
     assert ckpt["extra"]["time_progress"] == 1.0
     assert ckpt["schedulers"]["flow"]["_last_lr"][0] == pytest.approx(0.0, abs=1e-12)
+
+    # --teacher graph: label spreading over the training images' PCA graph, logged with its own accuracy, then a
+    # cross-entropy against it on the unlabeled rows: at weight 0 the run is the run without it, at weight 2 not
+    finals = []
+    for weight in ("0", "2"):
+        script.main(["--dataset", "fashion_mnist", f"--data_path={images}", f"--label_path={split}",
+                     f"--logdir={tmp_path / 'tb4'}", f"--ckptdir={tmp_path / ('ck4' + weight)}", "--mid_channels=4",
+                     "--num_blocks=1", "--batch_size=8", "--max_steps=2", "--teacher=graph", "--teacher_pca=5",
+                     "--teacher_neighbors=3", f"--teacher_weight={weight}", "--backend=torch", "--log_freq=1",
+                     "--eval_batch_size=8", "--no_augment"])
+        out = capsys.readouterr().out
+        assert "teacher: label spreading on the 3-NN graph of PCA-5 pixels" in out and "on the 20 test images" in out
+        finals.append(json.loads(out.split("final ", 1)[1].splitlines()[0]))
+    script.main(["--dataset", "fashion_mnist", f"--data_path={images}", f"--label_path={split}",
+                 f"--logdir={tmp_path / 'tb4'}", f"--ckptdir={tmp_path / 'ck4n'}", "--mid_channels=4",
+                 "--num_blocks=1", "--batch_size=8", "--max_steps=2", "--backend=torch", "--log_freq=1",
+                 "--eval_batch_size=8", "--no_augment"])
+    plain = json.loads(capsys.readouterr().out.split("final ", 1)[1].splitlines()[0])
+    assert finals[0]["test_nll"] == plain["test_nll"] and finals[1]["test_nll"] != plain["test_nll"]
 
     # --supervised_only: whole batches of labeled images (none of the batch is spent on unlabeled rows the loss
     # drops), so an epoch over the 20 labeled images is 20 // 8 = 2 steps, not 20 // 4 = 5

@@ -205,6 +205,32 @@ def test_flowgmm_cons_loss_matches_definition():
     torch.testing.assert_close(loss_sup, 3.0 * ce)
 
 
+def test_flowgmm_cons_loss_teacher_term_is_the_soft_cross_entropy_of_the_unlabeled_rows():
+    seed_everything(0)
+    model = tiny_model(dequantize=False).eval()
+    x, labels, _ = next(iter(tiny_batches()(0)))
+    q = torch.softmax(torch.randn(len(labels), model.prior.means.shape[0]), 1)
+    base, base_parts, _ = flowgmm_cons_loss(model, x, labels, None, label_weight=2.0)
+    assert "ce_teacher" not in base_parts
+    loss, parts, out = flowgmm_cons_loss(model, x, labels, None, label_weight=2.0, soft_targets=q, teacher_weight=0.3)
+    unl = labels < 0
+    assert unl.any() and (~unl).any()
+    expected = -(q[unl] * torch.log_softmax(out.logits[unl], 1)).sum(1).mean()
+    torch.testing.assert_close(parts["ce_teacher"], expected)
+    torch.testing.assert_close(loss, base + 0.3 * expected)
+    # the labeled rows' targets are never read
+    q_lab_changed = q.clone()
+    q_lab_changed[~unl] = torch.roll(q[~unl], 1, dims=1)
+    torch.testing.assert_close(flowgmm_cons_loss(model, x, labels, None, soft_targets=q_lab_changed,
+                                                 teacher_weight=0.3)[1]["ce_teacher"], expected)
+    # weight 0: the part is logged, the loss is the base loss
+    loss0, parts0, _ = flowgmm_cons_loss(model, x, labels, None, label_weight=2.0, soft_targets=q)
+    torch.testing.assert_close(loss0, base)
+    assert "ce_teacher" in parts0
+    with pytest.raises(ValueError, match="soft_targets must have shape"):
+        flowgmm_cons_loss(model, x, labels, None, soft_targets=q[:, :2], teacher_weight=1.0)
+
+
 def test_semisup_loss_parts():
     seed_everything(0)
     model = tiny_model(dequantize=False).eval()

@@ -485,12 +485,19 @@ class SemiSupervisedLoader:
     steps_per_epoch = len(labeled) // (labeled rows per global batch): one pass over the labeled data.
     num_workers > 0 prepares that many upcoming batches in background threads (same batches, same order).
     crop_padding: the zero padding of the random crop (the original's 4; 0 = no shift).
+    soft_targets: optional (len(data), K) float class distributions of every training example (a teacher's, e.g.
+    label spreading's); the batches are then ``(x, labels, x2, q)`` with q: (b, K) the rows' distributions.
     """
 
     def __init__(self, data: ImageData, labeled_idx, batch_size: int, *, seed: int = 0, device="cpu",
                  rank: int = 0, world_size: int = 1, supervised_only: bool = False, augment_data: bool = True,
-                 num_workers: int = 0, crop_padding: int = 4):
+                 num_workers: int = 0, crop_padding: int = 4, soft_targets: torch.Tensor | None = None):
         spec = _spec(data.dataset)
+        if soft_targets is not None:
+            soft_targets = torch.as_tensor(soft_targets, dtype=torch.float32)
+            if soft_targets.dim() != 2 or soft_targets.shape[0] != len(data):
+                raise ValueError(f"soft_targets must have shape ({len(data)}, num_classes), got "
+                                 f"{tuple(soft_targets.shape)}")
         if not isinstance(crop_padding, int) or crop_padding < 0:
             raise ValueError(f"crop_padding must be an int >= 0, got {crop_padding!r}")
         labeled_idx = torch.as_tensor(np.asarray(labeled_idx), dtype=torch.long)
@@ -523,6 +530,7 @@ class SemiSupervisedLoader:
         self.augment_data = augment_data
         self.crop_padding = crop_padding
         self.num_workers = num_workers
+        self.soft_targets = None if soft_targets is None else soft_targets.to(self.device)
 
     def _perm(self, n: int, *key: int) -> torch.Tensor:
         g = torch.Generator(device=self.device).manual_seed(_seed(self.seed, *key))
@@ -557,14 +565,15 @@ class SemiSupervisedLoader:
         labels = self.labels[idx].clone()
         labels[self.n_lab_rows:] = -1
         x2 = dequantize(augment(imgs, g, self.crop_padding, flip=self.flip) if self.augment_data else imgs, g)
+        out = (x, labels, x2) if self.soft_targets is None else (x, labels, x2, self.soft_targets[idx])
         if self.world_size == 1:
-            return x, labels, x2
+            return out
         # this rank's slice of each half (so every rank's batch is half labeled, half unlabeled too)
         lab_rows, unl_rows, r = self.n_lab_rows // self.world_size, self.n_unl_rows // self.world_size, self.rank
         rows = torch.cat([torch.arange(r * lab_rows, (r + 1) * lab_rows),
                           torch.arange(self.n_lab_rows + r * unl_rows, self.n_lab_rows + (r + 1) * unl_rows)])
         rows = rows.to(self.device)
-        return x[rows], labels[rows], x2[rows]
+        return tuple(t[rows] for t in out)
 
     def batches_from(self, start_step: int) -> Iterator:
         """Batches of steps start_step+1, start_step+2, ... (endless; the :class:`Trainer` batch source)."""

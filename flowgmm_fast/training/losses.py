@@ -15,7 +15,10 @@
     ce_labeled  = cross-entropy of the class logits on the labeled rows
     nll         = mean over ALL rows of -(logsumexp_k [log N(f(x1); mu_k) + log pi_k] + log|det J|)
     consistency = mean over ALL rows of -(log N(f(x1); mu_y2) + log|det J|), y2 = argmax_k logits(x2) (no grad)
-    loss = label_weight * ce_labeled + nll + consistency_weight * consistency     (nll dropped when supervised only)
+    ce_teacher  = mean over the unlabeled rows of -sum_k q_k log p(k | x1), q: soft class targets given per row
+                  (e.g. label spreading's; only with ``soft_targets``)
+    loss = label_weight * ce_labeled + nll + consistency_weight * consistency + teacher_weight * ce_teacher
+           (nll dropped when supervised only)
 
 Row means use masks (no boolean indexing), so nothing here syncs with the host. NLLs are in nats per example,
 without the dequantisation constant D ln 256 (bits/dim = (nll + D ln 256) / (D ln 2)).
@@ -87,12 +90,15 @@ def semisup_loss(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, *, lab
 
 
 def flowgmm_cons_loss(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, x2: torch.Tensor | None = None, *,
-                      label_weight: float = 1.0, consistency_weight: float = 0.0, use_unlabeled: bool = True):
+                      label_weight: float = 1.0, consistency_weight: float = 0.0, use_unlabeled: bool = True,
+                      soft_targets: torch.Tensor | None = None, teacher_weight: float = 0.0):
     """The FlowGMM-cons image loss (module docstring); returns ``(loss, parts, out)``.
 
     model: a FlowGMM (possibly DDP/compile-wrapped); x: (B, C, H, W) first augmentation; labels: (B,) long, -1 for
     unlabeled; x2: (B, C, H, W) second augmentation of the same rows (None: no consistency term, the part is 0).
-    parts: {"ce_labeled", "nll", "consistency", "loss", "acc_labeled"} scalar tensors (same names every step).
+    soft_targets: (B, K) class distributions of the rows (read on the unlabeled rows only), for the ce_teacher part.
+    parts: {"ce_labeled", "nll", "consistency", "loss", "acc_labeled"} scalar tensors, plus "ce_teacher" when
+    soft_targets is given (the same names every step of a run).
     """
     if labels.dim() != 1 or labels.shape[0] != x.shape[0]:
         raise ValueError(f"labels must have shape ({x.shape[0]},), got {tuple(labels.shape)}")
@@ -100,6 +106,9 @@ def flowgmm_cons_loss(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, x
         raise ValueError(f"x2 must have the shape of x {tuple(x.shape)}, got {tuple(x2.shape)}")
     out = model(x)
     logits = _f32(out.logits)
+    if soft_targets is not None and soft_targets.shape != logits.shape:
+        raise ValueError(f"soft_targets must have shape {tuple(logits.shape)} (rows, classes), got "
+                         f"{tuple(soft_targets.shape)}")
     labeled = labels >= 0
     ce = F.cross_entropy(logits, labels.clamp_min(0), reduction="none")
     parts = {"ce_labeled": _masked_mean(ce, labeled), "nll": _f32(out.nll).mean()}
@@ -116,5 +125,10 @@ def flowgmm_cons_loss(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, x
         loss = loss + parts["nll"]
     if consistency_weight:
         loss = loss + consistency_weight * parts["consistency"]
+    if soft_targets is not None:
+        soft_ce = -(_f32(soft_targets) * torch.log_softmax(logits, 1)).sum(1)
+        parts["ce_teacher"] = _masked_mean(soft_ce, ~labeled)
+        if teacher_weight:
+            loss = loss + teacher_weight * parts["ce_teacher"]
     parts["loss"] = loss
     return loss, parts, out
