@@ -26,8 +26,8 @@ experiments/RESULTS.md, "FlowGMMClassifier"):
    posteriors are the prediction. With both, their weights (``graph_weight="auto"``) come from the labeled rows:
    a stratified K-fold over them measures how well plain label spreading on the graph and a logistic regression on
    the labeled rows each recover held-out labels (neither uses FlowGMM's posteriors, which saw every label); equal
-   accuracies give the mean, and the graph's weight moves linearly with their difference, to 1 (or 0) at a
-   difference of WEIGHT_MARGIN.
+   accuracies give the mean, and the graph's weight moves linearly with their difference less its standard error,
+   to 1 (or 0) at WEIGHT_MARGIN.
 """
 
 from __future__ import annotations
@@ -428,9 +428,11 @@ class FlowGMMClassifier(ClassifierMixin, BaseEstimator):
                                   else float(self.graph_weight))
 
     def _auto_graph_weight(self, x: np.ndarray, codes: np.ndarray) -> float:
-        """graph_weight="auto" (module docstring): 0.5 + (graph's fold accuracy - logistic regression's) /
-        (2 WEIGHT_MARGIN), clipped to [0, 1]; 0.5 when some class has fewer than 2 labeled rows. Sets
-        ``step_scores_``."""
+        """graph_weight="auto" (module docstring): over the held-out labeled rows, d = (b - c) / n with b the rows
+        only the graph recovers and c those only the logistic regression does, shrunk towards 0 by its standard
+        error sqrt(b + c) / n (a difference of one or two rows out of a dozen is noise); the graph's weight is
+        0.5 + d_shrunk / (2 WEIGHT_MARGIN), clipped to [0, 1]. 0.5 when some class has fewer than 2 labeled rows.
+        Sets ``step_scores_``."""
         from sklearn.linear_model import LogisticRegression
         from sklearn.model_selection import StratifiedKFold
 
@@ -441,18 +443,20 @@ class FlowGMMClassifier(ClassifierMixin, BaseEstimator):
             return 0.5
         seed = self.random_state if isinstance(self.random_state, numbers.Integral) else 0
         splits = list(StratifiedKFold(n_splits, shuffle=True, random_state=int(seed) % (2 ** 32)).split(lab, y_lab))
-        graph = self.spreading_.fold_accuracy(codes, [lab[held] for _, held in splits])
-        hits = 0
-        for kept, held in splits:
-            if np.unique(y_lab[kept]).size < 2:  # cannot happen with >= 2 classes stratified, kept for safety
-                pred = np.full(held.size, y_lab[kept][0])
-            else:
-                pred = LogisticRegression(C=WEIGHT_LR_C, max_iter=2000).fit(x[lab[kept]], y_lab[kept]).predict(
-                    x[lab[held]])
-            hits += int(np.sum(pred == y_lab[held]))
-        linear = hits / lab.size
-        self.step_scores_ = {"graph": float(graph), "linear": float(linear), "folds": n_splits}
-        return float(np.clip(0.5 + (graph - linear) / (2 * WEIGHT_MARGIN), 0.0, 1.0))
+        held = np.concatenate([h for _, h in splits])
+        graph_right = self.spreading_.fold_predictions(codes, [lab[h] for _, h in splits]) == y_lab[held]
+        linear = []
+        for kept, h in splits:  # stratified with >= 2 rows per class: every class is in each kept part
+            model = LogisticRegression(C=WEIGHT_LR_C, max_iter=2000).fit(x[lab[kept]], y_lab[kept])
+            linear.append(model.predict(x[lab[h]]))
+        linear_right = np.concatenate(linear) == y_lab[held]
+        n = held.size
+        only_graph, only_linear = int(np.sum(graph_right & ~linear_right)), int(np.sum(linear_right & ~graph_right))
+        d = (only_graph - only_linear) / n
+        shrunk = np.sign(d) * max(abs(d) - math.sqrt(only_graph + only_linear) / n, 0.0)
+        self.step_scores_ = {"graph": float(graph_right.mean()), "linear": float(linear_right.mean()),
+                             "only_graph": only_graph, "only_linear": only_linear, "folds": n_splits}
+        return float(np.clip(0.5 + shrunk / (2 * WEIGHT_MARGIN), 0.0, 1.0))
 
     def fit_graph(self, X, y) -> "FlowGMMClassifier":
         """Build (or remove) the prediction steps after FlowGMM -- the graph (``n_neighbors``, ``spreading_*``) and

@@ -92,7 +92,7 @@ class KNNSpreading:
         w = w.maximum(w.T)
         deg = np.asarray(w.sum(1)).ravel()
         d = sparse.diags(1.0 / np.sqrt(deg))
-        self._s = (d @ w @ d).tocsr()  # the normalised graph, kept for fold_accuracy (not in the saved state)
+        self._s = (d @ w @ d).tocsr()  # the normalised graph, kept for fold_predictions (not in the saved state)
         lab = labels >= 0
         y0 = self.start_weight * start
         y0[lab] = 0.0
@@ -116,28 +116,26 @@ class KNNSpreading:
                 break
         return f
 
-    def fold_accuracy(self, labels, folds) -> float:
-        """Accuracy of plain label spreading (no start distribution) on the fitted graph at recovering held-out
-        labels: for each fold (an array of labeled row indices) the fold's labels are hidden and spread from the
-        others; returns the share of held-out rows whose spread distribution peaks at their label. Uses no model
-        posterior, so a model trained on every label does not leak into it."""
+    def fold_predictions(self, labels, folds) -> np.ndarray:
+        """Plain label spreading (no start distribution) on the fitted graph, asked to recover held-out labels: for
+        each fold (an array of labeled row indices) the fold's labels are hidden and spread from the other labeled
+        rows. Returns the predicted class of every held-out row, folds concatenated in order (-1 for a row no label
+        reaches). Uses no model posterior, so a model trained on every label does not leak into it."""
         if getattr(self, "_s", None) is None:
-            raise RuntimeError("fold_accuracy needs the graph of fit(); a model restored from its state has none")
+            raise RuntimeError("fold_predictions needs the graph of fit(); a model restored from its state has none")
         labels = np.asarray(labels)
         k_classes = self.distributions_.shape[1]
-        hits = total = 0
-        n_iter = self.n_iter_
+        n_iter, out = self.n_iter_, []
         for fold in folds:
             fold = np.asarray(fold)
             keep = labels >= 0
             keep[fold] = False
             y0 = np.zeros((labels.size, k_classes))
             y0[keep, labels[keep]] = 1.0
-            f = self._spread(y0)
-            hits += int(np.sum((f[fold].argmax(1) == labels[fold]) & (f[fold].sum(1) > 0)))  # unreached: a miss
-            total += fold.size
+            f = self._spread(y0)[fold]
+            out.append(np.where(f.sum(1) > 0, f.argmax(1), -1))
         self.n_iter_ = n_iter  # the fit's
-        return hits / max(total, 1)
+        return np.concatenate(out) if out else np.zeros(0, np.int64)
 
     def predict_proba(self, x) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float64)
