@@ -18,7 +18,7 @@ experiments/RESULTS.md, "FlowGMMClassifier"):
    (``class_prior="learn"``), and early stopping on the held-out NLL (needs no labels).
 4. Prediction: the members' class posteriors p(y | x), including the learned priors, averaged (FlowGMM's own
    answer, :meth:`FlowGMMClassifier.flow_proba`), then refined by two steps fitted on the training rows from those
-   posteriors, whose probabilities are averaged: (a) ``n_neighbors`` > 0: spread along a k-nearest-neighbour graph
+   posteriors, whose probabilities are combined: (a) ``n_neighbors`` > 0: spread along a k-nearest-neighbour graph
    of the training rows (:class:`~flowgmm_fast.graph.KNNSpreading`: label spreading started from FlowGMM's
    posteriors, labeled rows clamped; a new row gets the mean spread posterior of its nearest training rows);
    (b) ``distill``: a regularised logistic regression fitted to the labeled rows and to FlowGMM's posteriors on the
@@ -149,17 +149,17 @@ class FlowGMMClassifier(ClassifierMixin, BaseEstimator):
         mean of its k nearest training rows' spread posteriors, and the fitted model keeps the preprocessed training
         rows (n_samples x n_features floats). 0: no graph step. Alone, the graph gains on tables whose classes are
         made of several clusters (digits: +6 to +8 points) and pulls imbalanced tables towards the majority class;
-        averaged with the ``distill`` step it is the default (experiments/RESULTS.md). :meth:`fit_graph` adds,
+        combined with the ``distill`` step it is the default (experiments/RESULTS.md). :meth:`fit_graph` adds,
         changes or removes the steps on a fitted model without retraining.
     distill : bool, default=True
         The student step: a logistic regression (C = 0.1) fitted to the labeled rows (weight 5 each) and to
         FlowGMM's posteriors on the unlabeled training rows as soft targets
-        (:class:`~flowgmm_fast.student.LogisticStudent`). With ``n_neighbors`` > 0 too, the prediction is the mean
-        of the two steps' probabilities, weighted by ``graph_weight``.
+        (:class:`~flowgmm_fast.student.LogisticStudent`). With ``n_neighbors`` > 0 too, the prediction is the
+        weighted mean of the two steps' probabilities (``graph_weight``).
     graph_weight : float in [0, 1] or "auto", default="auto"
         With both steps, the graph step's weight in the prediction (the student's is 1 - graph_weight). "auto": from
-        the labeled rows (module docstring; ``step_scores_`` holds the two fold accuracies, ``graph_weight_`` the
-        weight used).
+        the labeled rows (module docstring; ``step_scores_`` holds the two fold accuracies and the counts of held-out
+        rows only one of the two recovers, ``graph_weight_`` the weight used).
     spreading_alpha : float in [0, 1), default=0.9
         How much a row's spread distribution takes from its neighbours against its start (label spreading's alpha).
     spreading_start : float, default=0.05
@@ -492,9 +492,10 @@ class FlowGMMClassifier(ClassifierMixin, BaseEstimator):
                 "start_weight": float(self.spreading_start)}
 
     def predict_proba(self, X) -> np.ndarray:
-        """(n_samples, n_classes) class probabilities; columns follow ``classes_``: the mean of the graph step's
-        (``n_neighbors`` > 0) and the student step's (``distill``) probabilities, or FlowGMM's posteriors averaged
-        over the members when there is neither step (see the module docstring)."""
+        """(n_samples, n_classes) class probabilities; columns follow ``classes_``: ``graph_weight_`` x the graph
+        step's (``n_neighbors`` > 0) plus (1 - ``graph_weight_``) x the student step's (``distill``) probabilities,
+        the one step's when there is one, or FlowGMM's posteriors averaged over the members when there is neither
+        (see the module docstring)."""
         z = self._features(X)
         steps = [s for s in (self.spreading_, self.student_) if s is not None]
         if not steps:
