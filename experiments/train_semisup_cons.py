@@ -36,6 +36,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import flowgmm_fast
@@ -313,8 +314,6 @@ def graph_teacher(train: ImageData, test: ImageData, labeled, args) -> tuple[tor
     neighbour graph of the training images' first --teacher_pca principal components (no test image in it). Returns
     the (N, K) spread class distributions of the training images and a log line with the spreading's own test
     accuracy (each test image: the mean distribution of its nearest training images), what the flow is taught."""
-    import numpy as np
-
     from flowgmm_fast.graph import pixel_pca, spread_labels
 
     t0 = time.perf_counter()

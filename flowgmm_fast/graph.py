@@ -48,6 +48,13 @@ def check_posterior_inputs(x, start, labels):
     return x, start, labels
 
 
+def _clamp(y0: np.ndarray, labels: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Y0 of the spreading: ``y0`` (n, K) with the selected ``rows`` (a mask) replaced by their labels' one-hot."""
+    y0[rows] = 0.0
+    y0[rows, labels[rows]] = 1.0
+    return y0
+
+
 class KNNSpreading:
     """Label spreading on the kNN graph of ``x`` (n_rows, n_features).
 
@@ -93,11 +100,7 @@ class KNNSpreading:
         deg = np.asarray(w.sum(1)).ravel()
         d = sparse.diags(1.0 / np.sqrt(deg))
         self._s = (d @ w @ d).tocsr()  # the normalised graph, kept for fold_predictions (not in the saved state)
-        lab = labels >= 0
-        y0 = self.start_weight * start
-        y0[lab] = 0.0
-        y0[lab, labels[lab]] = 1.0
-        f = self._spread(y0)
+        f = self._spread(_clamp(self.start_weight * start, labels, labels >= 0))
         total = f.sum(1, keepdims=True)
         # a row that no labeled row and no start mass reaches (start_weight 0, a component of the graph without
         # labels) falls back to its start distribution
@@ -130,9 +133,7 @@ class KNNSpreading:
             fold = np.asarray(fold)
             keep = labels >= 0
             keep[fold] = False
-            y0 = np.zeros((labels.size, k_classes))
-            y0[keep, labels[keep]] = 1.0
-            f = self._spread(y0)[fold]
+            f = self._spread(_clamp(np.zeros((labels.size, k_classes)), labels, keep))[fold]
             out.append(np.where(f.sum(1) > 0, f.argmax(1), -1))
         self.n_iter_ = n_iter  # the fit's
         return np.concatenate(out) if out else np.zeros(0, np.int64)
