@@ -426,6 +426,8 @@ class FlowGMMClassifier(ClassifierMixin, BaseEstimator):
         if self.spreading_ is not None and self.student_ is not None:
             self.graph_weight_ = (self._auto_graph_weight(x, codes) if self.graph_weight == "auto"
                                   else float(self.graph_weight))
+        if self.spreading_ is not None:
+            self.spreading_.release_graph()  # only the weight's folds needed it
 
     def _auto_graph_weight(self, x: np.ndarray, codes: np.ndarray) -> float:
         """graph_weight="auto" (module docstring): over the held-out labeled rows, d = (b - c) / n with b the rows

@@ -99,7 +99,8 @@ class KNNSpreading:
         w = w.maximum(w.T)
         deg = np.asarray(w.sum(1)).ravel()
         d = sparse.diags(1.0 / np.sqrt(deg))
-        self._s = (d @ w @ d).tocsr()  # the normalised graph, kept for fold_predictions (not in the saved state)
+        # the normalised graph, kept for fold_predictions until release_graph() (not in the saved state)
+        self._s = (d @ w @ d).tocsr()
         f = self._spread(_clamp(self.start_weight * start, labels, labels >= 0))
         total = f.sum(1, keepdims=True)
         # a row that no labeled row and no start mass reaches (start_weight 0, a component of the graph without
@@ -125,7 +126,8 @@ class KNNSpreading:
         rows. Returns the predicted class of every held-out row, folds concatenated in order (-1 for a row no label
         reaches). Uses no model posterior, so a model trained on every label does not leak into it."""
         if getattr(self, "_s", None) is None:
-            raise RuntimeError("fold_predictions needs the graph of fit(); a model restored from its state has none")
+            raise RuntimeError("fold_predictions needs the graph of fit(); a model restored from its state or after "
+                               "release_graph() has none")
         labels = np.asarray(labels)
         k_classes = self.distributions_.shape[1]
         n_iter, out = self.n_iter_, []
@@ -137,6 +139,12 @@ class KNNSpreading:
             out.append(np.where(f.sum(1) > 0, f.argmax(1), -1))
         self.n_iter_ = n_iter  # the fit's
         return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+    def release_graph(self) -> "KNNSpreading":
+        """Free the normalised graph that fit() keeps for :meth:`fold_predictions` (about 2 x n_neighbors x n_rows
+        entries); predict_proba does not need it. fold_predictions raises afterwards."""
+        self._s = None
+        return self
 
     def predict_proba(self, x) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float64)

@@ -288,6 +288,7 @@ def test_default_prediction_weighs_the_graph_and_the_student_which_travel_with_t
     ys = _semi(y)
     clf = FlowGMMClassifier(**FAST).fit(x, ys)  # defaults: n_neighbors=7, distill=True, graph_weight="auto"
     assert clf.spreading_ is not None and clf.student_ is not None
+    assert clf.spreading_._s is None  # the graph is freed once the weight's folds are done
     q = clf.preprocessor_.transform(x)
     proba = clf.predict_proba(x)
     w = clf.graph_weight_

@@ -169,3 +169,9 @@ def test_fold_predictions_are_plain_spreading_with_the_fold_hidden():
     restored = KNNSpreading.from_state(fitted.state(), n_neighbors=5)
     with pytest.raises(RuntimeError, match="needs the graph of fit"):
         restored.fold_predictions(labels, folds)
+    # release_graph frees the graph: the predictions stay, the folds need a new fit
+    probs = fitted.predict_proba(x[:5])
+    assert fitted.release_graph() is fitted and fitted._s is None
+    np.testing.assert_array_equal(fitted.predict_proba(x[:5]), probs)
+    with pytest.raises(RuntimeError, match="release_graph"):
+        fitted.fold_predictions(labels, folds)
