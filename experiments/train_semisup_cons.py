@@ -202,6 +202,11 @@ def parse_args(argv=None):
     if args.teacher_pca < 0 or args.teacher_neighbors < 1:
         p.error(f"--teacher_pca must be >= 0 and --teacher_neighbors >= 1, got {args.teacher_pca} and "
                 f"{args.teacher_neighbors}")
+    given = explicit_dests(p, argv)
+    teacher_flags = sorted(f"--{name}" for name in ("teacher_weight", "teacher_pca", "teacher_neighbors")
+                           if name in given)
+    if args.teacher == "none" and teacher_flags:
+        p.error(f"{', '.join(teacher_flags)} configure the graph teacher, which is off: add --teacher graph")
     if args.std_init == "labeled" and args.means_init != "labeled":
         p.error("--std_init labeled measures the spread about the labeled class means: it needs --means_init labeled")
     try:

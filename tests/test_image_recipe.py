@@ -54,6 +54,15 @@ def test_bad_flags_are_refused(script, flags, capsys):
     assert "error" in capsys.readouterr().err
 
 
+def test_teacher_flags_without_the_teacher_are_refused(script, capsys):
+    with pytest.raises(SystemExit):
+        script.parse_args(REQUIRED + ["--teacher_pca", "20", "--teacher_weight", "2"])
+    err = capsys.readouterr().err
+    assert "--teacher_pca, --teacher_weight configure the graph teacher, which is off: add --teacher graph" in err
+    args = script.parse_args(REQUIRED + ["--teacher", "graph", "--teacher_pca", "20"])
+    assert (args.teacher, args.teacher_pca, args.teacher_weight) == ("graph", 20, 1.0)
+
+
 def test_calibrated_batch_norm_makes_eval_mode_compute_what_training_does(script):
     torch.manual_seed(0)
     flow = flowgmm_fast.nn.RealNVP(1, 2, 4, 1, dequantize=False)
