@@ -8,9 +8,14 @@ Methods (scikit-learn defaults unless said; the baselines get the usual Standard
   FlowGMM              flowgmm_fast.FlowGMMClassifier(random_state=seed) on the raw features (its own preprocessing)
   FlowGMM[flow]        the same fitted flows without the prediction steps (``set_params(n_neighbors=0,
                        distill=False).fit_graph``: FlowGMM's own posteriors), an ablation that costs no second fit
-  FlowGMM[graph]       the same, with the graph step only (n_neighbors=7, distill=False)
+  FlowGMM[graph]       the same, with the graph step only (n_neighbors=7, distill=False: plain label spreading on
+                       the preprocessed rows, as spreading_start is 0)
   FlowGMM[student]     the same, with the student step only (n_neighbors=0, distill=True)
-  FlowGMM[mean]        the same, both steps with equal weights (graph_weight=0.5: the default before "auto")
+  FlowGMM[mean]        the same, both steps with equal weights and the graph started from FlowGMM's posteriors
+                       (graph_weight=0.5, spreading_start=0.05: the default of commit 48979b9)
+  FlowGMM[start 0.05]  the same, the graph started from FlowGMM's posteriors (spreading_start=0.05: the default of
+                       commit 31686bc)
+Each FlowGMM[...] row changes only its own parameters from those of the fit.
   LabelSpreading-knn   LabelSpreading(kernel="knn")
   LabelSpreading-rbf   LabelSpreading(kernel="rbf")
   SelfTraining-LR      SelfTrainingClassifier(LogisticRegression(max_iter=1000))
@@ -98,7 +103,8 @@ def make_split(x, y, per_class: int, seed: int):
 ABLATIONS = {"FlowGMM[flow]": {"n_neighbors": 0, "distill": False},
              "FlowGMM[graph]": {"n_neighbors": 7, "distill": False},
              "FlowGMM[student]": {"n_neighbors": 0, "distill": True},
-             "FlowGMM[mean]": {"n_neighbors": 7, "distill": True, "graph_weight": 0.5}}
+             "FlowGMM[mean]": {"n_neighbors": 7, "distill": True, "graph_weight": 0.5, "spreading_start": 0.05},
+             "FlowGMM[start 0.05]": {"n_neighbors": 7, "distill": True, "spreading_start": 0.05}}
 
 
 def run_method(method: str, x_tr, labels, x_te, y_tr, seed: int, quick: bool, variants: dict) -> dict:
@@ -119,8 +125,11 @@ def run_method(method: str, x_tr, labels, x_te, y_tr, seed: int, quick: bool, va
             clf.set_params(max_epochs=3, n_estimators=1)
         out = {method: clf.fit(x_tr, labels).predict(x_te)}
         if method == "FlowGMM":
+            fitted = clf.get_params()  # each row changes only its own parameters from the fit's
             for name, params in ABLATIONS.items():
-                out[name] = clf.set_params(**params).fit_graph(x_tr, labels).predict(x_te)
+                row = {k: fitted[k] for k in ("n_neighbors", "distill", "graph_weight", "spreading_start")}
+                row.update(params)
+                out[name] = clf.set_params(**row).fit_graph(x_tr, labels).predict(x_te)
         return out
     scaler = StandardScaler().fit(x_tr)
     a, b = scaler.transform(x_tr), scaler.transform(x_te)

@@ -18,9 +18,10 @@ experiments/RESULTS.md, "FlowGMMClassifier"):
    (``class_prior="learn"``), and early stopping on the held-out NLL (needs no labels).
 4. Prediction: the members' class posteriors p(y | x), including the learned priors, averaged (FlowGMM's own
    answer, :meth:`FlowGMMClassifier.flow_proba`), then refined by two steps fitted on the training rows from those
-   posteriors, whose probabilities are combined: (a) ``n_neighbors`` > 0: spread along a k-nearest-neighbour graph
-   of the training rows (:class:`~flowgmm_fast.graph.KNNSpreading`: label spreading started from FlowGMM's
-   posteriors, labeled rows clamped; a new row gets the mean spread posterior of its nearest training rows);
+   posteriors, whose probabilities are combined: (a) ``n_neighbors`` > 0: label spreading along a k-nearest-neighbour
+   graph of the preprocessed training rows (:class:`~flowgmm_fast.graph.KNNSpreading`, labeled rows clamped; by
+   default plain spreading of the labels, ``spreading_start`` > 0 also starts the unlabeled rows from FlowGMM's
+   posteriors; a new row gets the mean spread distribution of its nearest training rows);
    (b) ``distill``: a regularised logistic regression fitted to the labeled rows and to FlowGMM's posteriors on the
    unlabeled rows as soft targets (:class:`~flowgmm_fast.student.LogisticStudent`). With neither, FlowGMM's
    posteriors are the prediction. With both, their weights (``graph_weight="auto"``) come from the labeled rows:
@@ -144,12 +145,13 @@ class FlowGMMClassifier(ClassifierMixin, BaseEstimator):
     n_quantiles : int, default=1000
         Reference quantiles per column of the preprocessing.
     n_neighbors : int, default=7
-        k > 0: the graph step: spread the members' class posteriors on the training rows along a k-nearest-neighbour
-        graph of the preprocessed training rows (:class:`~flowgmm_fast.graph.KNNSpreading`); a new row gets the
-        mean of its k nearest training rows' spread posteriors, and the fitted model keeps the preprocessed training
-        rows (n_samples x n_features floats). 0: no graph step. Alone, the graph gains on tables whose classes are
-        made of several clusters (digits: +6 to +8 points) and pulls imbalanced tables towards the majority class;
-        combined with the ``distill`` step it is the default (experiments/RESULTS.md). :meth:`fit_graph` adds,
+        k > 0: the graph step: spread the labels (and, with ``spreading_start`` > 0, the members' class posteriors)
+        along a k-nearest-neighbour graph of the preprocessed training rows
+        (:class:`~flowgmm_fast.graph.KNNSpreading`); a new row gets the mean of its k nearest training rows' spread
+        distributions, and the fitted model keeps the preprocessed training rows (n_samples x n_features floats).
+        0: no graph step. The graph gains on tables whose classes are made of several clusters (digits) and pulls
+        imbalanced tables towards the majority class; combined with the ``distill`` step it is the default
+        (experiments/RESULTS.md). :meth:`fit_graph` adds,
         changes or removes the steps on a fitted model without retraining.
     distill : bool, default=True
         The student step: a logistic regression (C = 0.1) fitted to the labeled rows (weight 5 each) and to
@@ -162,8 +164,11 @@ class FlowGMMClassifier(ClassifierMixin, BaseEstimator):
         rows only one of the two recovers, ``graph_weight_`` the weight used).
     spreading_alpha : float in [0, 1), default=0.9
         How much a row's spread distribution takes from its neighbours against its start (label spreading's alpha).
-    spreading_start : float, default=0.05
+    spreading_start : float, default=0.0
         Weight of FlowGMM's posterior as an unlabeled row's start, against 1 for a labeled row's one-hot label.
+        0: plain label spreading, the step that the ``graph_weight="auto"`` folds measure; FlowGMM's posteriors then
+        reach the prediction through the student step (and stay the answer of a row that no labeled row reaches).
+        Measured against 0.2, 0.05 (the previous default) and 0.01 in experiments/RESULTS.md.
     invertible_backprop : bool, default=False
         Train the flows with backprop by inversion (:mod:`flowgmm_fast.nn.invertible`): the same gradients, training
         memory that does not grow with the number of coupling layers, at the cost of recomputing each coupling's
@@ -220,7 +225,7 @@ class FlowGMMClassifier(ClassifierMixin, BaseEstimator):
                  label_weight=1.0, unlabeled_weight: float = 1.0, class_prior="learn",
                  validation_fraction: float = 0.1, patience: int = 20, dequantize: bool = True,
                  n_quantiles: int = 1000, n_neighbors: int = 7, distill: bool = True, graph_weight="auto",
-                 spreading_alpha: float = 0.9, spreading_start: float = 0.05, invertible_backprop: bool = False,
+                 spreading_alpha: float = 0.9, spreading_start: float = 0.0, invertible_backprop: bool = False,
                  device: str = "cpu", random_state=None, verbose=False):
         self.n_estimators = n_estimators
         self.n_coupling_layers = n_coupling_layers

@@ -294,6 +294,11 @@ def test_default_prediction_weighs_the_graph_and_the_student_which_travel_with_t
     w = clf.graph_weight_
     np.testing.assert_allclose(proba, w * clf.spreading_.predict_proba(q) + (1 - w) * clf.student_.predict_proba(q),
                                rtol=0, atol=1e-12)
+    # the default graph step (spreading_start=0) is plain label spreading of the labels: the step the folds measure
+    from flowgmm_fast.graph import spread_labels
+
+    plain = spread_labels(clf.spreading_.x_, ys, 2, n_neighbors=7, alpha=0.9)
+    np.testing.assert_allclose(clf.spreading_.distributions_, plain.distributions_, rtol=0, atol=1e-12)
     # the weight follows the held-out labeled rows only one of the two recovers (5 per class: 5 folds)
     scores = clf.step_scores_
     b, c = scores["only_graph"], scores["only_linear"]

@@ -28,8 +28,9 @@ def test_runner_writes_results_and_checks_targets(tmp_path):
                            "--variant", 'uniform={"class_prior": "uniform"}', "--out", str(out)]) == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert {r["method"] for r in rows} == {"FlowGMM", "FlowGMM[flow]", "FlowGMM[graph]", "FlowGMM[student]",
-                                          "FlowGMM[mean]", "FlowGMM[uniform]", "LR (labels only)", "majority"}
-    assert len(rows) == 2 * 8 and all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+                                          "FlowGMM[mean]", "FlowGMM[start 0.05]", "FlowGMM[uniform]",
+                                          "LR (labels only)", "majority"}
+    assert len(rows) == 2 * 9 and all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
     text = (out / "results.md").read_text()
     assert "| breast_cancer_imb | 4 |" in text and "imbalanced" in text
     assert "of 2 (table, labels) cells" in text
