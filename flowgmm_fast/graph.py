@@ -140,7 +140,7 @@ class KNNSpreading:
         self.n_iter_ = n_iter  # the fit's
         return np.concatenate(out) if out else np.zeros(0, np.int64)
 
-    def release_graph(self) -> "KNNSpreading":
+    def release_graph(self) -> KNNSpreading:
         """Free the normalised graph that fit() keeps for :meth:`fold_predictions` (about 2 x n_neighbors x n_rows
         entries); predict_proba does not need it. fold_predictions raises afterwards."""
         self._s = None
