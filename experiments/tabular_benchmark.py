@@ -14,8 +14,7 @@ Methods (scikit-learn defaults unless said; the baselines get the usual Standard
   FlowGMM[mean]        the same, both steps with equal weights and the graph started from FlowGMM's posteriors
                        (graph_weight=0.5, spreading_start=0.05: the default of commit 48979b9)
   FlowGMM[start 0.05]  the same, the graph started from FlowGMM's posteriors (spreading_start=0.05: the default of
-                       commit 31686bc)
-Each FlowGMM[...] row changes only its own parameters from those of the fit.
+                       commit 31686bc); each FlowGMM[...] row changes only its own parameters from the fit's
   LabelSpreading-knn   LabelSpreading(kernel="knn")
   LabelSpreading-rbf   LabelSpreading(kernel="rbf")
   SelfTraining-LR      SelfTrainingClassifier(LogisticRegression(max_iter=1000))

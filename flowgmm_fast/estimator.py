@@ -17,8 +17,8 @@ experiments/RESULTS.md, "FlowGMMClassifier"):
    at every epoch end an EM step of the class priors from the unlabeled rows' responsibilities
    (``class_prior="learn"``), and early stopping on the held-out NLL (needs no labels).
 4. Prediction: the members' class posteriors p(y | x), including the learned priors, averaged (FlowGMM's own
-   answer, :meth:`FlowGMMClassifier.flow_proba`), then refined by two steps fitted on the training rows from those
-   posteriors, whose probabilities are combined: (a) ``n_neighbors`` > 0: label spreading along a k-nearest-neighbour
+   answer, :meth:`FlowGMMClassifier.flow_proba`), then two steps fitted on the training rows, whose probabilities
+   are combined: (a) ``n_neighbors`` > 0: label spreading along a k-nearest-neighbour
    graph of the preprocessed training rows (:class:`~flowgmm_fast.graph.KNNSpreading`, labeled rows clamped; by
    default plain spreading of the labels, ``spreading_start`` > 0 also starts the unlabeled rows from FlowGMM's
    posteriors; a new row gets the mean spread distribution of its nearest training rows);
@@ -151,8 +151,8 @@ class FlowGMMClassifier(ClassifierMixin, BaseEstimator):
         distributions, and the fitted model keeps the preprocessed training rows (n_samples x n_features floats).
         0: no graph step. The graph gains on tables whose classes are made of several clusters (digits) and pulls
         imbalanced tables towards the majority class; combined with the ``distill`` step it is the default
-        (experiments/RESULTS.md). :meth:`fit_graph` adds,
-        changes or removes the steps on a fitted model without retraining.
+        (experiments/RESULTS.md). :meth:`fit_graph` adds, changes or removes the steps on a fitted model without
+        retraining.
     distill : bool, default=True
         The student step: a logistic regression (C = 0.1) fitted to the labeled rows (weight 5 each) and to
         FlowGMM's posteriors on the unlabeled training rows as soft targets
