@@ -104,6 +104,7 @@ ABLATIONS = {"FlowGMM[flow]": {"n_neighbors": 0, "distill": False},
              "FlowGMM[student]": {"n_neighbors": 0, "distill": True},
              "FlowGMM[mean]": {"n_neighbors": 7, "distill": True, "graph_weight": 0.5, "spreading_start": 0.05},
              "FlowGMM[start 0.05]": {"n_neighbors": 7, "distill": True, "spreading_start": 0.05}}
+ABLATION_PARAMS = sorted({name for params in ABLATIONS.values() for name in params})  # what the rows change
 
 
 def run_method(method: str, x_tr, labels, x_te, y_tr, seed: int, quick: bool, variants: dict) -> dict:
@@ -126,7 +127,7 @@ def run_method(method: str, x_tr, labels, x_te, y_tr, seed: int, quick: bool, va
         if method == "FlowGMM":
             fitted = clf.get_params()  # each row changes only its own parameters from the fit's
             for name, params in ABLATIONS.items():
-                row = {k: fitted[k] for k in ("n_neighbors", "distill", "graph_weight", "spreading_start")}
+                row = {k: fitted[k] for k in ABLATION_PARAMS}
                 row.update(params)
                 out[name] = clf.set_params(**row).fit_graph(x_tr, labels).predict(x_te)
         return out

@@ -183,8 +183,9 @@ def parse_args(argv=None):
         p.error(f"--max_steps must be >= 1, got {args.max_steps}")
     if args.invertible_checkpoint_every is not None and args.invertible_checkpoint_every < 1:
         p.error(f"--invertible_checkpoint_every must be >= 1, got {args.invertible_checkpoint_every}")
+    given = explicit_dests(p, argv)
     if args.step_in_backward:  # nothing left to clip once every parameter is stepped inside the backward pass
-        if "max_grad_norm" in explicit_dests(p, argv):
+        if "max_grad_norm" in given:
             p.error("--step_in_backward steps each parameter before the global gradient norm is known: it cannot "
                     "clip it, drop --max_grad_norm")
         if args.distributed:
@@ -202,7 +203,6 @@ def parse_args(argv=None):
     if args.teacher_pca < 0 or args.teacher_neighbors < 1:
         p.error(f"--teacher_pca must be >= 0 and --teacher_neighbors >= 1, got {args.teacher_pca} and "
                 f"{args.teacher_neighbors}")
-    given = explicit_dests(p, argv)
     teacher_flags = sorted(f"--{name}" for name in ("teacher_weight", "teacher_pca", "teacher_neighbors")
                            if name in given)
     if args.teacher == "none" and teacher_flags:
