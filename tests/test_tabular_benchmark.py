@@ -31,6 +31,11 @@ def test_runner_writes_results_and_checks_targets(tmp_path):
                                           "FlowGMM[mean]", "FlowGMM[start 0.05]", "FlowGMM[uniform]",
                                           "LR (labels only)", "majority"}
     assert len(rows) == 2 * 9 and all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+    # each row has its own time: an ablation row's is its fit_graph, not the fit's (which it used to repeat)
+    fit_s = {(r["table"], r["method"]): r["fit_s"] for r in rows}
+    assert all(v >= 0.0 for v in fit_s.values())
+    for table in ("wine", "breast_cancer_imb"):
+        assert fit_s[(table, "FlowGMM[graph]")] != fit_s[(table, "FlowGMM")]
     text = (out / "results.md").read_text()
     assert "| breast_cancer_imb | 4 |" in text and "imbalanced" in text
     assert "of 2 (table, labels) cells" in text
